@@ -1,0 +1,292 @@
+"""RQ-VAE: the residual-quantized autoencoder that turns an item embedding into a code tuple.
+
+An MLP encoder maps a standardized embedding to a latent; L residual levels quantize it, level l
+picking the nearest of its own K_l codewords for what the earlier levels left; an MLP decoder
+reconstructs the input from the sum of the chosen codewords. Each level's codebook starts from
+faiss k-means on the *full* data's residuals (not a first batch, which cannot seed 4,096 codes),
+codes unused for an epoch restart on a random residual, and training uses the straight-through
+estimator with codebook and commitment losses.
+
+Deterministic on CPU for a given seed. Knows nothing about items, files or Prefect.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+
+class CatalogTooSmallError(ValueError):
+    """The data cannot fill the configured codebooks and the policy is to refuse."""
+
+
+def size_codebooks(
+    n_items: int, requested: list[int], min_points_per_code: int, policy: str
+) -> tuple[list[int], str | None]:
+    """Codebook sizes the data can support, and a message when they differ from `requested`.
+
+    k-means needs about `min_points_per_code` items per code (faiss warns below 39); every level
+    clusters residuals of all items, so each level is capped at n_items // min_points_per_code.
+    """
+    cap = n_items // min_points_per_code
+    need = max(requested) * min_points_per_code
+    if all(k <= cap for k in requested):
+        return list(requested), None
+    wanted = "/".join(map(str, requested))
+    if policy == "refuse" or cap < 2:
+        raise CatalogTooSmallError(
+            f"{n_items:,} items cannot fill codebooks {wanted}: that needs >= {need:,} items "
+            f"({min_points_per_code} per code). "
+            + ("Use smaller tokenizer.codebook_sizes or tokenizer.small_catalog=shrink."
+               if cap >= 2 else
+               f"At least {2 * min_points_per_code} items are needed for any tokenizer.")
+        )
+    sizes = [min(k, cap) for k in requested]
+    return sizes, (
+        f"{n_items:,} items cannot fill codebooks {wanted} (needs >= {need:,} items at "
+        f"{min_points_per_code} per code): shrinking to {'/'.join(map(str, sizes))}. "
+        "Set tokenizer.small_catalog=refuse to fail instead."
+    )
+
+
+@dataclass
+class RQVAEConfig:
+    input_dim: int
+    codebook_sizes: list[int]
+    hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
+    latent_dim: int = 64
+    commitment_weight: float = 0.25
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 150
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    kmeans_iterations: int = 25
+    seed: int = 42
+
+
+def _mlp(dims: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(dims) - 2:
+            layers.append(nn.SiLU())
+    return nn.Sequential(*layers)
+
+
+class RQVAE(nn.Module):
+    def __init__(self, config: RQVAEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.register_buffer("mean", torch.zeros(config.input_dim))
+        self.register_buffer("std", torch.ones(config.input_dim))
+        self.encoder = _mlp([config.input_dim, *config.hidden_dims, config.latent_dim])
+        self.decoder = _mlp([config.latent_dim, *reversed(config.hidden_dims), config.input_dim])
+        self.codebooks = nn.ParameterList(
+            [nn.Parameter(torch.zeros(k, config.latent_dim)) for k in config.codebook_sizes]
+        )
+
+    @property
+    def levels(self) -> int:
+        return len(self.codebooks)
+
+    def standardize(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+        """Codes [N, L], the chosen codeword per level, and the residual each level saw."""
+        residual = z
+        codes, chosen, residuals = [], [], []
+        for codebook in self.codebooks:
+            idx = torch.cdist(residual, codebook).argmin(dim=1)
+            q = codebook[idx]
+            codes.append(idx)
+            chosen.append(q)
+            residuals.append(residual)
+            residual = residual - q.detach()
+        return torch.stack(codes, dim=1), chosen, residuals
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+        xs = self.standardize(x)
+        z = self.encoder(xs)
+        codes, chosen, residuals = self.quantize(z)
+        codebook_loss = sum(((r.detach() - q) ** 2).mean() for r, q in zip(residuals, chosen, strict=True))
+        commitment = sum(((r - q.detach()) ** 2).mean() for r, q in zip(residuals, chosen, strict=True))
+        z_q = sum(chosen)
+        z_st = z + (z_q - z).detach()  # straight-through: decoder sees z_q, encoder gets grads
+        recon = ((self.decoder(z_st) - xs) ** 2).mean()
+        losses = {
+            "reconstruction": recon,
+            "codebook": codebook_loss,
+            "commitment": commitment,
+        }
+        losses["total"] = recon + codebook_loss + self.config.commitment_weight * commitment
+        return z_st, losses, codes
+
+    @torch.no_grad()
+    def encode(self, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
+        """Code tuples [N, L] (int32) for embeddings [N, D]."""
+        self.eval()
+        out = []
+        for start in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], np.float32))
+            codes, _, _ = self.quantize(self.encoder(self.standardize(xb)))
+            out.append(codes.to(torch.int32).numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.levels), np.int32)
+
+    @torch.no_grad()
+    def reconstruction_cosine_by_depth(self, x: np.ndarray, batch_size: int = 8192) -> list[float]:
+        """Mean cosine(x, decode(sum of the first d codewords)) for d = 1..L (TriAlignGR Fig. 4)."""
+        self.eval()
+        sums = np.zeros(self.levels)
+        for start in range(0, len(x), batch_size):
+            xb = torch.from_numpy(np.ascontiguousarray(x[start : start + batch_size], np.float32))
+            _, chosen, _ = self.quantize(self.encoder(self.standardize(xb)))
+            partial = torch.zeros_like(chosen[0])
+            for depth, q in enumerate(chosen):
+                partial = partial + q
+                x_hat = self.decoder(partial) * self.std + self.mean
+                sums[depth] += torch.nn.functional.cosine_similarity(x_hat, xb, dim=1).sum().item()
+        return [float(s / max(len(x), 1)) for s in sums]
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> tuple[np.ndarray, str]:
+    """faiss k-means centroids [k, d] and the device it ran on ('gpu' or 'cpu').
+
+    faiss-cpu silently ignores gpu=True, so the device is read from faiss, not assumed.
+    """
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    km = faiss.Kmeans(
+        x.shape[1], k, niter=iterations, seed=seed, gpu=gpus > 0, verbose=False,
+        min_points_per_centroid=1, max_points_per_centroid=256,
+    )
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return np.asarray(km.centroids, dtype=np.float32), "gpu" if gpus > 0 else "cpu"
+
+
+@dataclass
+class FitReport:
+    codebook_sizes: list[int]
+    epochs: int
+    seconds: float
+    final_losses: dict[str, float]
+    kmeans_device: str
+    dead_code_restarts: list[int]
+    history: list[dict[str, float]]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_rqvae(
+    x: np.ndarray,
+    model_config: RQVAEConfig,
+    train: TrainConfig,
+    progress: Callable[[int, int, dict[str, float]], None] | None = None,
+) -> tuple[RQVAE, FitReport]:
+    """Train an RQ-VAE on embeddings x [N, D]. Deterministic on CPU for a given seed."""
+    import time
+
+    started = time.perf_counter()
+    torch.manual_seed(train.seed)
+    rng = np.random.default_rng(train.seed)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    model = RQVAE(model_config)
+    xt = torch.from_numpy(x)
+    model.mean.copy_(xt.mean(dim=0))
+    model.std.copy_(xt.std(dim=0).clamp_min(1e-6))
+
+    # Codebook init: k-means per level on the residuals of the full data.
+    with torch.no_grad():
+        residual = model.encoder(model.standardize(xt)).numpy()
+    device = "cpu"
+    for level, k in enumerate(model_config.codebook_sizes):
+        centroids, device = kmeans(residual, k, train.kmeans_iterations, train.seed + level)
+        model.codebooks[level].data.copy_(torch.from_numpy(centroids))
+        idx = torch.cdist(torch.from_numpy(residual), torch.from_numpy(centroids)).argmin(1)
+        residual = residual - centroids[idx.numpy()]
+
+    optimizer = torch.optim.Adam(model.parameters(), lr=train.learning_rate)
+    n = len(x)
+    batch = min(train.batch_size, n)
+    history: list[dict[str, float]] = []
+    restarts: list[int] = [0] * model.levels
+    losses: dict[str, float] = {}
+    for epoch in range(train.epochs):
+        model.train()
+        order = torch.from_numpy(rng.permutation(n))
+        usage = [torch.zeros(k, dtype=torch.long) for k in model_config.codebook_sizes]
+        totals: dict[str, float] = {}
+        for start in range(0, n, batch):
+            xb = xt[order[start : start + batch]]
+            _, step_losses, codes = model(xb)
+            optimizer.zero_grad(set_to_none=True)
+            step_losses["total"].backward()
+            optimizer.step()
+            for level in range(model.levels):
+                usage[level] += torch.bincount(codes[:, level], minlength=len(usage[level]))
+            for name, value in step_losses.items():
+                totals[name] = totals.get(name, 0.0) + value.item() * len(xb)
+        losses = {name: value / n for name, value in totals.items()}
+        # Dead-code restart: a code no item chose this epoch moves onto a random residual, so
+        # capacity is never silently wasted (the collapse peers report).
+        if epoch < train.epochs - 1:
+            dead_levels = [torch.nonzero(c == 0).flatten() for c in usage]
+            if any(len(d) for d in dead_levels):
+                sample = torch.from_numpy(rng.choice(n, size=min(n, 4096), replace=False))
+                pools = _level_residuals(model, xt[sample])
+            with torch.no_grad():
+                for level, dead in enumerate(dead_levels):
+                    if len(dead):
+                        pool = pools[level]
+                        pick = torch.from_numpy(rng.integers(0, len(pool), len(dead)))
+                        model.codebooks[level].data[dead] = pool[pick]
+                        restarts[level] += len(dead)
+        history.append({"epoch": epoch, **losses})
+        if progress is not None:
+            progress(epoch + 1, train.epochs, losses)
+    report = FitReport(
+        codebook_sizes=list(model_config.codebook_sizes),
+        epochs=train.epochs,
+        seconds=time.perf_counter() - started,
+        final_losses=losses,
+        kmeans_device=device,
+        dead_code_restarts=restarts,
+        history=history[:: max(1, math.ceil(len(history) / 50))],
+    )
+    return model, report
+
+
+@torch.no_grad()
+def _level_residuals(model: RQVAE, xb: torch.Tensor) -> list[torch.Tensor]:
+    _, _, residuals = model.quantize(model.encoder(model.standardize(xb)))
+    return [r.detach().clone() for r in residuals]
+
+
+def save_rqvae(model: RQVAE) -> tuple[bytes, dict]:
+    """safetensors bytes and the JSON config needed to rebuild the model."""
+    from safetensors.torch import save
+
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    return save(state), asdict(model.config)
+
+
+def load_rqvae(weights: bytes, config: dict) -> RQVAE:
+    from safetensors.torch import load
+
+    model = RQVAE(RQVAEConfig(**config))
+    model.load_state_dict(load(weights))
+    model.eval()
+    return model

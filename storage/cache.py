@@ -1,0 +1,80 @@
+"""Content-addressed stage cache: `<root>/cache/<stage>/<stage_key>/part-*.parquet`.
+
+A stage's result for an item is stored under (stage key, item input hash). The stage key names
+everything that changes the result besides the item (model, revision, prompt version,
+parameters); the input hash names the item's exact input to that stage. A lookup returns the rows
+already computed, so a re-run or a crash-resume only computes what is missing.
+
+Parts are immutable and named by the hash of their input hashes: writing the same part twice is
+harmless, and two runs writing at once cannot corrupt each other. This module never decides what
+a key means; stages do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from sidpipe.storage.hashing import hash_strings, stable_hash
+from sidpipe.storage.store import ArtifactStore, concat_tables
+
+INPUT_HASH = "input_hash"
+
+
+def stage_key(stage: str, params: dict) -> str:
+    """The key of a stage configuration: a short hash of everything that changes its results."""
+    return f"{stage}-{stable_hash(params, 16)}"
+
+
+class StageCache:
+    """Cached per-item results of one stage configuration."""
+
+    def __init__(self, store: ArtifactStore, stage: str, key: str, params: dict | None = None):
+        self.store = store
+        self.stage = stage
+        self.key = key
+        self.params = params
+        self.prefix = ("cache", stage, key)
+
+    def _parts(self) -> list[str]:
+        return [p for p in self.store.listdir(*self.prefix) if p.rsplit("/", 1)[-1].startswith(
+            "part-") and p.endswith(".parquet")]
+
+    def lookup(self, input_hashes: Iterable[str]) -> pa.Table | None:
+        """Cached rows whose input hash is among `input_hashes` (one row per hash), or None."""
+        wanted = pa.array(sorted(set(input_hashes)), pa.string())
+        if len(wanted) == 0:
+            return None
+        found: list[pa.Table] = []
+        for part in self._parts():
+            rel = self.store.relative(part)
+            hashes = self.store.read_parquet(rel, columns=[INPUT_HASH])[INPUT_HASH]
+            mask = pc.is_in(hashes, value_set=wanted)
+            if pc.any(mask).as_py():
+                found.append(self.store.read_parquet(rel).filter(mask))
+        table = concat_tables(found)
+        if table is None:
+            return None
+        # Two runs may have cached the same item at once: keep one row per hash.
+        seen: set[str] = set()
+        keep = []
+        for value in table[INPUT_HASH].to_pylist():
+            keep.append(value not in seen)
+            seen.add(value)
+        return table.filter(pa.array(keep))
+
+    def put(self, table: pa.Table) -> str | None:
+        """Store new rows (must have an `input_hash` column); returns the part's path."""
+        if table is None or table.num_rows == 0:
+            return None
+        if INPUT_HASH not in table.column_names:
+            raise ValueError(f"cache rows for {self.stage} need an {INPUT_HASH!r} column")
+        if self.params is not None and not self.store.exists(*self.prefix, "_KEY.json"):
+            # For people browsing the store: what this key stands for.
+            self.store.write_json({"stage": self.stage, "key": self.key, "params": self.params},
+                                  *self.prefix, "_KEY.json")
+        name = f"part-{hash_strings(sorted(table[INPUT_HASH].to_pylist()), 20)}.parquet"
+        return self.store.write_parquet(table, *self.prefix, name)
+

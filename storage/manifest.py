@@ -1,0 +1,174 @@
+"""Run manifests, atomic publish and the run log.
+
+Layout (DESIGN.md):
+    <root>/runs/<run_id>/                    staging of a run's files + _RUN.json (the run log)
+    <root>/catalogs/<catalog>/<run_date>/    items.parquet, quarantine.parquet
+    <root>/sids/<catalog>/<run_date>/        sids.parquet, quality.json, errors.parquet,
+                                             tokens.txt, _MANIFEST.json (written last)
+
+A run writes everything into its staging folder. Publishing removes the previous manifest of
+that (catalog, run_date), copies each staged file to its published name (each copy atomic), then
+writes `_MANIFEST.json`. Readers look for the manifest first: a published name without a manifest
+is never read, so a failed run can never show half of its tables. The manifest records each
+file's sha256 and row count, so a reader can check that what it reads is what was published.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, timezone
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from sidpipe.storage.hashing import sha256_bytes
+from sidpipe.storage.store import ArtifactStore
+
+MANIFEST_NAME = "_MANIFEST.json"
+RUN_RECORD_NAME = "_RUN.json"
+SCHEMA_VERSION = 1
+
+
+class StageStats(BaseModel):
+    """What one stage did with the run's items (item counts; seconds of wall time)."""
+
+    computed: int = 0
+    cached: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+
+
+class Counts(BaseModel):
+    """Where every input row ended up. `input == assigned + quarantined + failed`, always."""
+
+    input: int
+    assigned: int
+    quarantined: int
+    failed: int
+
+    def check(self) -> None:
+        total = self.assigned + self.quarantined + self.failed
+        if total != self.input:
+            raise AssertionError(
+                f"counts do not add up: input {self.input} != assigned {self.assigned} + "
+                f"quarantined {self.quarantined} + failed {self.failed} = {total}"
+            )
+
+
+class FileEntry(BaseModel):
+    path: str  # relative to the store root
+    sha256: str
+    bytes: int
+    rows: int | None = None
+
+
+class Manifest(BaseModel):
+    schema_version: int = SCHEMA_VERSION
+    run_id: str
+    catalog: str
+    run_date: date
+    started_at: datetime
+    finished_at: datetime
+    code_version: dict[str, Any]
+    config: dict[str, Any]
+    models: dict[str, Any]
+    inputs: dict[str, Any]
+    tokenizer_id: str | None
+    counts: Counts
+    stages: dict[str, StageStats]
+    files: dict[str, FileEntry] = Field(default_factory=dict)
+
+
+class RunRecord(BaseModel):
+    """One line of the run log: every run, published or failed, leaves one."""
+
+    run_id: str
+    catalog: str
+    run_date: date
+    status: str  # running | published | failed
+    started_at: datetime
+    finished_at: datetime | None = None
+    error: str | None = None
+    counts: Counts | None = None
+    stages: dict[str, StageStats] = Field(default_factory=dict)
+    published: str | None = None  # relative path of the published folder
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def sids_dir(catalog: str, run_date: date) -> tuple[str, ...]:
+    return ("sids", catalog, run_date.isoformat())
+
+
+def catalog_dir(catalog: str, run_date: date) -> tuple[str, ...]:
+    return ("catalogs", catalog, run_date.isoformat())
+
+
+def staging_dir(run_id: str) -> tuple[str, ...]:
+    return ("runs", run_id)
+
+
+def write_run_record(store: ArtifactStore, record: RunRecord) -> None:
+    store.write_json(record.model_dump(mode="json"), *staging_dir(record.run_id), RUN_RECORD_NAME)
+
+
+def run_records(store: ArtifactStore) -> list[RunRecord]:
+    """The run log, oldest first."""
+    records = [
+        RunRecord.model_validate(store.read_json(store.relative(p)))
+        for p in store.glob(f"runs/*/{RUN_RECORD_NAME}")
+    ]
+    return sorted(records, key=lambda r: r.started_at)
+
+
+def publish(
+    store: ArtifactStore,
+    manifest: Manifest,
+    staged: dict[str, tuple[str, tuple[str, ...], int | None]],
+) -> Manifest:
+    """Move staged files to their published names, then write the manifest last.
+
+    `staged` maps a file's role to (file name in staging, destination folder, row count).
+    Returns the published manifest (with its `files`).
+    """
+    target = sids_dir(manifest.catalog, manifest.run_date)
+    # Unpublish first: from here until the new manifest exists, readers see no run for this date
+    # rather than a mix of old and new files.
+    store.delete(*target, MANIFEST_NAME)
+    files: dict[str, FileEntry] = {}
+    for role, (name, dest, rows) in staged.items():
+        data = store.read_bytes(*staging_dir(manifest.run_id), name)
+        path = store.write_bytes(data, *dest, name)
+        files[role] = FileEntry(
+            path=store.relative(path), sha256=sha256_bytes(data), bytes=len(data), rows=rows
+        )
+    manifest = manifest.model_copy(update={"files": files})
+    manifest.counts.check()
+    store.write_json(manifest.model_dump(mode="json"), *target, MANIFEST_NAME)
+    for name, _, _ in staged.values():
+        store.delete(*staging_dir(manifest.run_id), name)
+    return manifest
+
+
+def read_manifest(store: ArtifactStore, catalog: str, run_date: date | str) -> Manifest:
+    day = run_date if isinstance(run_date, str) else run_date.isoformat()
+    return Manifest.model_validate(store.read_json("sids", catalog, day, MANIFEST_NAME))
+
+
+def published_runs(store: ArtifactStore, catalog: str | None = None) -> list[Manifest]:
+    """Every published run (those with a manifest), oldest run_date first."""
+    pattern = f"sids/{catalog or '*'}/*/{MANIFEST_NAME}"
+    manifests = [
+        Manifest.model_validate(store.read_json(store.relative(p))) for p in store.glob(pattern)
+    ]
+    return sorted(manifests, key=lambda m: (m.catalog, m.run_date))
+
+
+def latest_published(
+    store: ArtifactStore, catalog: str, not_after: date | None = None
+) -> Manifest | None:
+    """The newest published run of a catalog (with run_date <= `not_after`, if given)."""
+    runs = [m for m in published_runs(store, catalog) if not_after is None or m.run_date <= not_after]
+    return runs[-1] if runs else None

@@ -1,0 +1,158 @@
+"""One artifact store over fsspec: a local folder or s3://bucket/prefix, same code.
+
+Every file write is atomic on its own: local files are written to a temporary name and renamed,
+remote objects are uploaded whole in one PUT (or a multipart upload that only completes at the
+end), so a crash never leaves a half-written object behind a real name. Multi-file results are
+made visible by a manifest written last (see `storage.manifest`).
+
+This module knows paths and bytes, never what a stage means.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import posixpath
+import tempfile
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fsspec.implementations.local import LocalFileSystem
+
+
+class StoreError(RuntimeError):
+    """The artifact store could not be read or written."""
+
+
+def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    return isinstance(fs, LocalFileSystem)
+
+
+def open_filesystem(uri: str, **storage_options: Any) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and bare path for a URI. s3 listings are not cached: other processes write too."""
+    if uri.startswith("s3://"):
+        storage_options.setdefault("use_listings_cache", False)
+    fs, path = fsspec.core.url_to_fs(uri, **storage_options)
+    if _is_local(fs):
+        path = os.path.abspath(path)
+    return fs, path
+
+
+class ArtifactStore:
+    """Read and write artifacts under one root URI (`./artifacts`, `s3://bucket/prefix`)."""
+
+    def __init__(self, root: str, **storage_options: Any) -> None:
+        self.root_uri = root
+        self.fs, self.root = open_filesystem(root, **storage_options)
+        self.protocol = "file" if _is_local(self.fs) else self.fs.protocol
+        if isinstance(self.protocol, (tuple, list)):
+            self.protocol = self.protocol[0]
+
+    # -- paths ---------------------------------------------------------------------------------
+    def path(self, *parts: str) -> str:
+        """Filesystem path of an artifact, relative parts joined under the root."""
+        return posixpath.join(self.root, *parts) if not _is_local(self.fs) else os.path.join(
+            self.root, *parts
+        )
+
+    def uri(self, *parts: str) -> str:
+        """Full URI of an artifact (for manifests, logs and readers such as polars/duckdb)."""
+        p = self.path(*parts)
+        return p if _is_local(self.fs) else f"{self.protocol}://{p}"
+
+    def relative(self, path: str) -> str:
+        """Path relative to the root, with forward slashes (what manifests record)."""
+        rel = path[len(self.root) :].lstrip("/\\")
+        return rel.replace(os.sep, "/")
+
+    # -- reading ---------------------------------------------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        path = self.path(*parts)
+        try:
+            return self.fs.cat_file(path)
+        except FileNotFoundError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any backend error becomes one clear message
+            raise StoreError(f"cannot read {self.uri(*parts)}: {exc}") from exc
+
+    def read_json(self, *parts: str) -> Any:
+        return json.loads(self.read_bytes(*parts))
+
+    def read_parquet(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
+        return pq.read_table(io.BytesIO(self.read_bytes(*parts)), columns=columns)
+
+    def glob(self, pattern: str) -> list[str]:
+        """Paths matching a glob relative to the root, sorted (fresh listing, never cached)."""
+        self.fs.invalidate_cache()
+        return sorted(self.fs.glob(self.path(pattern)))
+
+    def listdir(self, *parts: str) -> list[str]:
+        path = self.path(*parts)
+        self.fs.invalidate_cache()
+        if not self.fs.exists(path):
+            return []
+        return sorted(self.fs.ls(path, detail=False))
+
+    # -- writing ---------------------------------------------------------------------------------
+    def write_bytes(self, data: bytes, *parts: str) -> str:
+        """Write one object atomically; returns its path."""
+        path = self.path(*parts)
+        try:
+            if _is_local(self.fs):
+                directory = os.path.dirname(path)
+                os.makedirs(directory, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+                try:
+                    with os.fdopen(fd, "wb") as handle:
+                        handle.write(data)
+                        handle.flush()
+                        os.fsync(handle.fileno())
+                    os.replace(tmp, path)
+                except BaseException:
+                    if os.path.exists(tmp):
+                        os.unlink(tmp)
+                    raise
+            else:
+                # One PUT (or a multipart upload completed only at the end): all or nothing.
+                self.fs.pipe_file(path, data)
+        except Exception as exc:  # noqa: BLE001
+            raise StoreError(f"cannot write {self.uri(*parts)}: {exc}") from exc
+        return path
+
+    def write_json(self, obj: Any, *parts: str) -> str:
+        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        return self.write_bytes(data, *parts)
+
+    def write_text(self, text: str, *parts: str) -> str:
+        return self.write_bytes(text.encode(), *parts)
+
+    def write_parquet(self, table: pa.Table, *parts: str) -> str:
+        sink = io.BytesIO()
+        pq.write_table(table, sink, compression="zstd")
+        return self.write_bytes(sink.getvalue(), *parts)
+
+    def delete(self, *parts: str) -> None:
+        path = self.path(*parts)
+        if self.fs.exists(path):
+            self.fs.rm(path, recursive=True)
+
+    def new_id(self) -> str:
+        return uuid.uuid4().hex[:12]
+
+    def __repr__(self) -> str:
+        return f"ArtifactStore({self.root_uri!r})"
+
+
+def concat_tables(tables: Iterable[pa.Table]) -> pa.Table | None:
+    tables = [t for t in tables if t is not None and t.num_rows]
+    if not tables:
+        return None
+    return pa.concat_tables(tables, promote_options="permissive")

@@ -1,0 +1,180 @@
+"""embed: one vector per item from its enriched text (and image, for multimodal backends).
+
+Results are cached by (embedder + text template, the exact input the embedder reads), computed in
+chunks that are cached as they finish, so a crash or retry resumes where it stopped and a re-run
+with unchanged items computes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pyarrow as pa
+from prefect import get_run_logger, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from sidpipe.config import EmbedConfig, PipelineConfig
+from sidpipe.models.embedders import EmbedInput, Embedder, SentenceTransformerEmbedder
+from sidpipe.storage.cache import StageCache, stage_key
+from sidpipe.storage.hashing import stable_hash
+from sidpipe.storage.manifest import StageStats
+from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.ingest import IngestOutcome
+from sidpipe.tasks.stage import (
+    RunInfo,
+    StageOutcome,
+    failed_items,
+    read_index,
+    read_items,
+    stage_values,
+    write_errors,
+    write_index,
+)
+
+log = logging.getLogger(__name__)
+
+CHUNK_ITEMS = 8192  # items embedded (and cached) per chunk: bounds memory and lost work
+TEXT_TEMPLATE_VERSION = "v1"
+
+
+def item_text(item: dict, attributes: list[str], caption: str | None = None,
+              interests: list[str] | None = None) -> str:
+    """The item's enriched text: title, description, caption, interests, then attributes."""
+    parts = [item.get("title"), item.get("description")]
+    if caption:
+        parts.append(f"Image: {caption}")
+    if interests:
+        parts.append("Interests: " + ", ".join(interests))
+    attrs = "; ".join(f"{k}: {item[k]}" for k in attributes if item.get(k) not in (None, ""))
+    if attrs:
+        parts.append(attrs)
+    return ". ".join(p for p in parts if p)
+
+
+def make_embedder(config: EmbedConfig) -> Embedder:
+    if config.url:
+        raise NotImplementedError(
+            f"embed: an endpoint is configured ({config.url}) but this sidpipe version has no "
+            "GME client yet; unset SIDPIPE_EMBED_URL to use the CPU text embedder"
+        )
+    return SentenceTransformerEmbedder(batch_size=config.batch_size)
+
+
+def embed_stage(
+    store: ArtifactStore,
+    run: RunInfo,
+    items: pa.Table,
+    attributes: list[str],
+    embedder: Embedder,
+    config: EmbedConfig,
+    captions: dict[str, str] | None = None,
+    interests: dict[str, list[str]] | None = None,
+    exclude: set[str] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> StageOutcome:
+    """Embed every item not in `exclude` (items that failed upstream), using the cache."""
+    started = time.perf_counter()
+    captions, interests, exclude = captions or {}, interests or {}, exclude or set()
+    params = {
+        "embedder": embedder.name,
+        "revision": embedder.revision,
+        "dim": embedder.dim,
+        "text_template": f"{TEXT_TEMPLATE_VERSION}/{config.text_template_version}",
+    }
+    key = stage_key("embed", params)
+    cache = StageCache(store, "embed", key, params)
+
+    ids, hashes, inputs, errors = [], [], [], []
+    for item in items.to_pylist():
+        item_id = item["item_id"]
+        if item_id in exclude:
+            continue
+        inp = EmbedInput(item_text(item, attributes, captions.get(item_id), interests.get(item_id)),
+                         item.get("image"))
+        key_fields = embedder.input_key(inp)
+        if not any(key_fields.values()):
+            errors.append((item_id, "nothing to embed: no text (and this embedder reads no "
+                                    "image); add a title or enable captioning"))
+            continue
+        ids.append(item_id)
+        hashes.append(stable_hash(key_fields))
+        inputs.append(inp)
+
+    cached = cache.lookup(hashes)
+    have = set(cached["input_hash"].to_pylist()) if cached is not None else set()
+    todo: dict[str, EmbedInput] = {}
+    for h, inp in zip(hashes, inputs, strict=True):
+        if h not in have:
+            todo.setdefault(h, inp)
+    n_computed = sum(1 for h in hashes if h not in have)
+    log.info("embed: %d items, %d cached, %d to compute with %s", len(ids), len(ids) - n_computed,
+             n_computed, embedder.name)
+
+    done = 0
+    todo_items = list(todo.items())
+    for start in range(0, len(todo_items), CHUNK_ITEMS):
+        chunk = todo_items[start : start + CHUNK_ITEMS]
+        vectors = embedder.embed([inp for _, inp in chunk])
+        cache.put(pa.table({
+            "input_hash": pa.array([h for h, _ in chunk], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(vectors.reshape(-1), pa.float32()), embedder.dim),
+        }))
+        done += len(chunk)
+        if progress is not None:
+            progress(done, len(todo_items))
+
+    return StageOutcome(
+        stage="embed",
+        key=key,
+        index=write_index(store, run, "embed", ids, hashes),
+        errors=write_errors(store, run, "embed", errors),
+        stats=StageStats(computed=n_computed, cached=len(ids) - n_computed, failed=len(errors),
+                         seconds=time.perf_counter() - started),
+        model={"name": embedder.name, "revision": embedder.revision, "dim": embedder.dim,
+               "text_template": params["text_template"]},
+    )
+
+
+def load_embeddings(store: ArtifactStore, run: RunInfo,
+                    outcome: StageOutcome) -> tuple[list[str], list[str], np.ndarray]:
+    """(item_ids, input hashes, embeddings [N, D]) of the run's embedded items, by item_id."""
+    index = read_index(store, run, outcome).sort_by("item_id")
+    ids, hashes = index["item_id"].to_pylist(), index["input_hash"].to_pylist()
+    cached = StageCache(store, "embed", outcome.key).lookup(hashes)
+    if cached is None:
+        raise RuntimeError(f"embed cache {outcome.key} has none of this run's embeddings")
+    dim = cached.schema.field("embedding").type.list_size
+    matrix = np.asarray(cached["embedding"].combine_chunks().values, np.float32).reshape(-1, dim)
+    row = {h: i for i, h in enumerate(cached["input_hash"].to_pylist())}
+    missing = [i for i, h in zip(ids, hashes, strict=True) if h not in row]
+    if missing:
+        raise RuntimeError(f"embed cache {outcome.key} lacks {len(missing)} items, e.g. {missing[:3]}")
+    return ids, hashes, matrix[[row[h] for h in hashes]]
+
+
+@task(name="embed", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def embed_task(config: PipelineConfig, run: RunInfo, ingest: IngestOutcome,
+               caption: StageOutcome, interests: StageOutcome) -> StageOutcome:
+    store = ArtifactStore(config.store)
+    items = read_items(store, run)
+    artifact = create_progress_artifact(0.0, description="embed: items embedded")
+
+    def progress(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+
+    outcome = embed_stage(
+        store, run, items, ingest.attribute_columns, make_embedder(config.embed), config.embed,
+        captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
+        interests=stage_values(store, run, interests, "interests") if not interests.skipped else None,
+        exclude=failed_items(store, run, [caption, interests]), progress=progress,
+    )
+    update_progress_artifact(artifact, 100.0)
+    s = outcome.stats
+    get_run_logger().info("embed: %d computed, %d cached, %d failed in %.1fs", s.computed,
+                          s.cached, s.failed, s.seconds)
+    return outcome

@@ -1,0 +1,430 @@
+"""ingest: read a catalog, validate every row, normalize text, hash each item's inputs.
+
+Rows that cannot be used go to a quarantine table with a reason; none vanish. A catalog that
+cannot be read at all fails with one `CatalogError` that names the file and the problem.
+
+Input contract (DESIGN.md): `item_id` (required, unique, non-empty), `title`, `description`,
+`image` (a local path, a path relative to the catalog file, `s3://`, or `http(s)://` when allowed),
+and any other attribute columns, which are kept. A row needs an `item_id` and a title or an image.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import time
+import unicodedata
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from prefect import get_run_logger, task
+from prefect.cache_policies import NO_CACHE
+
+from sidpipe.config import CatalogConfig, PipelineConfig
+from sidpipe.storage.hashing import hash_strings, sha256_bytes, stable_hash
+from sidpipe.storage.manifest import StageStats, staging_dir
+from sidpipe.storage.store import ArtifactStore, open_filesystem
+from sidpipe.tasks.stage import RunInfo, StageOutcome
+
+log = logging.getLogger(__name__)
+
+CORE_COLUMNS = ("item_id", "title", "description", "image")
+MAX_ITEM_ID_LENGTH = 512
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+_SPACE = re.compile(r"\s+")
+
+
+class CatalogError(ValueError):
+    """The catalog as a whole cannot be read."""
+
+
+@dataclass
+class IngestResult:
+    items: pa.Table  # item_id, title, description, image, image_fingerprint, <attrs>, item_hash
+    quarantine: pa.Table  # row, item_id, reason, raw
+    input_rows: int
+    catalog_sha256: str
+    attribute_columns: list[str]
+
+
+QUARANTINE_SCHEMA = pa.schema(
+    [("row", pa.int64()), ("item_id", pa.string()), ("reason", pa.string()), ("raw", pa.string())]
+)
+
+
+# -- reading ------------------------------------------------------------------------------------
+def _format_of(uri: str) -> str:
+    name = uri.lower().split("?")[0]
+    for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"),
+                        (".ndjson", "jsonl"), (".jsonl.gz", "jsonl"), (".csv", "csv"),
+                        (".csv.gz", "csv")):
+        if name.endswith(suffix):
+            return fmt
+    raise CatalogError(
+        f"{uri}: unknown catalog format; use a .parquet, .jsonl/.ndjson or .csv file"
+    )
+
+
+def read_catalog(uri: str) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]], str]:
+    """Rows of a catalog as dicts, unparseable rows as (row number, reason, raw text), sha256.
+
+    Row numbers are 1-based data rows (the CSV header is not a row).
+    """
+    fmt = _format_of(uri)
+    fs, path = open_filesystem(uri)
+    try:
+        with fs.open(path, "rb", compression="infer") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise CatalogError(f"{uri}: catalog file not found") from None
+    except Exception as exc:  # noqa: BLE001
+        raise CatalogError(f"{uri}: cannot read the catalog: {exc}") from exc
+
+    bad: list[tuple[int, str, str]] = []
+    if fmt == "parquet":
+        try:
+            table = pq.read_table(io.BytesIO(data))
+        except Exception as exc:  # noqa: BLE001
+            raise CatalogError(f"{uri}: not a readable Parquet file: {exc}") from exc
+        rows = table.to_pylist()
+    elif fmt == "jsonl":
+        rows = []
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise CatalogError(f"{uri}: not UTF-8 text: {exc}") from exc
+        number = 0
+        for line in text.splitlines():
+            if not line.strip():
+                continue
+            number += 1
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                bad.append((number, f"invalid JSON: {exc.msg} at column {exc.colno}", line))
+                rows.append(None)
+                continue
+            if not isinstance(row, dict):
+                bad.append((number, "a JSONL row must be a JSON object", line))
+                rows.append(None)
+                continue
+            rows.append(row)
+    else:
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise CatalogError(f"{uri}: not UTF-8 text: {exc}") from exc
+        reader = csv.reader(io.StringIO(text, newline=""))
+        header = next(reader, None)
+        if not header:
+            raise CatalogError(f"{uri}: empty CSV file (no header row)")
+        header = [h.strip() for h in header]
+        rows = []
+        for fields in reader:
+            if not fields:
+                continue  # blank line
+            number = len(rows) + 1
+            if len(fields) != len(header):
+                bad.append((number, f"CSV row has {len(fields)} fields, header has "
+                                    f"{len(header)}", ",".join(fields)))
+                rows.append(None)
+                continue
+            rows.append({k: (v if v != "" else None) for k, v in zip(header, fields, strict=True)})
+        if "item_id" not in header:
+            raise CatalogError(_missing_id_message(uri, header))
+
+    columns = {k for row in rows if row for k in row}
+    if rows and any(r is not None for r in rows) and "item_id" not in columns:
+        raise CatalogError(_missing_id_message(uri, sorted(columns)))
+    if not rows:
+        raise CatalogError(f"{uri}: the catalog has no rows")
+    # Placeholders (None) keep row numbers aligned with `bad`.
+    return rows, bad, sha256_bytes(data)
+
+
+def _missing_id_message(uri: str, columns: list[str]) -> str:
+    return (f"{uri}: no 'item_id' column (columns: {', '.join(columns) or 'none'}); "
+            "rename your id column to item_id")
+
+
+# -- normalizing --------------------------------------------------------------------------------
+def normalize_text(value: Any) -> str | None:
+    """NFKC, no control characters, single spaces, trimmed; empty becomes None."""
+    if value is None:
+        return None
+    text = unicodedata.normalize("NFKC", str(value))
+    text = _CONTROL.sub(" ", text)
+    text = _SPACE.sub(" ", text).strip()
+    return text or None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and value != value:  # NaN
+        return None
+    return value
+
+
+# -- image references ---------------------------------------------------------------------------
+def resolve_image(ref: str, catalog_uri: str) -> str:
+    """Absolute URI of an image reference; relative paths are relative to the catalog file."""
+    if "://" in ref:
+        return ref[len("file://"):] if ref.startswith("file://") else ref
+    if os.path.isabs(ref):
+        return ref
+    if "://" in catalog_uri:
+        scheme, rest = catalog_uri.split("://", 1)
+        return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), ref))}"
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(catalog_uri)), ref))
+
+
+def check_images(uris: list[str]) -> dict[str, tuple[str | None, str | None]]:
+    """For each image URI: (fingerprint, None) if it is a non-empty file, else (None, reason).
+
+    Lists each parent folder once instead of asking about every file: cheap on S3 too.
+    """
+    by_parent: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for uri in uris:
+        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
+        parent = uri.rsplit("/", 1)[0] if "/" in uri else "."
+        by_parent[(scheme, parent)].append(uri)
+
+    result: dict[str, tuple[str | None, str | None]] = {}
+    for (scheme, parent), members in by_parent.items():
+        try:
+            fs, parent_path = open_filesystem(parent)
+            entries = {
+                posixpath.basename(e["name"].rstrip("/")): e
+                for e in fs.ls(parent_path, detail=True)
+            }
+        except FileNotFoundError:
+            entries = {}
+        except Exception as exc:  # noqa: BLE001 - a storage error for this folder only
+            for uri in members:
+                result[uri] = (None, f"image folder unreadable: {parent}: {exc}")
+            continue
+        for uri in members:
+            entry = entries.get(uri.rsplit("/", 1)[-1])
+            if entry is None or entry.get("type") == "directory":
+                result[uri] = (None, f"image not found: {uri}")
+            elif not entry.get("size"):
+                result[uri] = (None, f"image file is empty: {uri}")
+            elif scheme == "file":
+                # Local files are hashed: the same photo gives the same fingerprint on any clone.
+                try:
+                    result[uri] = (f"sha256:{_file_sha256(fs, entry['name'])}", None)
+                except OSError as exc:
+                    result[uri] = (None, f"image unreadable: {uri}: {exc}")
+            else:
+                # Object stores: the ETag from the listing, no download of every image.
+                etag = entry.get("ETag") or entry.get("etag") or entry.get("mtime")
+                result[uri] = (f"etag:{str(etag).strip(chr(34))}:{entry['size']}", None)
+    return result
+
+
+def _file_sha256(fs, path: str) -> str:
+    digest = hashlib.sha256()
+    with fs.open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# -- validating ---------------------------------------------------------------------------------
+def validate_rows(
+    rows: list[dict[str, Any] | None],
+    bad: list[tuple[int, str, str]],
+    catalog_uri: str,
+    config: CatalogConfig,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
+    """Split rows into usable items and quarantined rows (each with a reason)."""
+    quarantine: list[dict[str, Any]] = [
+        {"row": number, "item_id": None, "reason": reason, "raw": raw} for number, reason, raw in bad
+    ]
+    # Attribute columns in the catalog's own order of first appearance.
+    attribute_columns = list(dict.fromkeys(
+        k for r in rows if r for k in r if k not in CORE_COLUMNS))
+
+    def reject(number: int, row: dict[str, Any], item_id: str | None, reason: str) -> None:
+        raw = json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str, ensure_ascii=False)
+        quarantine.append({"row": number, "item_id": item_id, "reason": reason, "raw": raw})
+
+    candidates: list[tuple[int, dict[str, Any]]] = []
+    for number, row in enumerate(rows, start=1):
+        if row is None:
+            continue  # already quarantined as unparseable
+        raw_id = row.get("item_id")
+        item_id = normalize_text(raw_id)
+        if item_id is None:
+            reject(number, row, None, "empty item_id")
+            continue
+        if len(item_id) > MAX_ITEM_ID_LENGTH:
+            reject(number, row, item_id[:64], f"item_id longer than {MAX_ITEM_ID_LENGTH} characters")
+            continue
+        item = {
+            "item_id": item_id,
+            "title": normalize_text(row.get("title")),
+            "description": normalize_text(row.get("description")),
+            "image": normalize_text(row.get("image")),
+        }
+        for col in attribute_columns:
+            item[col] = _jsonable(row.get(col))
+        if item["title"] is None and item["image"] is None:
+            reject(number, row, item_id, "no title and no image")
+            continue
+        candidates.append((number, item))
+
+    # Duplicates: identical copies keep the first; conflicting copies are all quarantined,
+    # because choosing one of them silently would lose data without saying so.
+    by_id: dict[str, list[tuple[int, dict[str, Any]]]] = defaultdict(list)
+    for number, item in candidates:
+        by_id[item["item_id"]].append((number, item))
+    unique: list[tuple[int, dict[str, Any]]] = []
+    for item_id, copies in by_id.items():
+        if len(copies) == 1:
+            unique.append(copies[0])
+            continue
+        first_number, first = copies[0]
+        if all(item == first for _, item in copies[1:]):
+            unique.append(copies[0])
+            for number, item in copies[1:]:
+                reject(number, item, item_id, f"duplicate item_id (identical to row {first_number})")
+        else:
+            numbers = ", ".join(str(n) for n, _ in copies)
+            for number, item in copies:
+                reject(number, item, item_id, f"duplicate item_id with conflicting rows ({numbers})")
+
+    # Image references: allowed scheme, then one listing per folder.
+    to_check: list[str] = []
+    for _, item in unique:
+        ref = item["image"]
+        if ref is None:
+            continue
+        uri = resolve_image(ref, catalog_uri)
+        item["image"] = uri
+        if uri.startswith(("http://", "https://")):
+            continue
+        if "://" in uri and not uri.startswith("s3://"):
+            continue
+        to_check.append(uri)
+    checked = check_images(to_check) if config.check_images else {}
+
+    items: list[dict[str, Any]] = []
+    for number, item in sorted(unique, key=lambda pair: pair[0]):
+        uri = item["image"]
+        item["image_fingerprint"] = None
+        if uri is not None:
+            if uri.startswith(("http://", "https://")):
+                if not config.allow_http_images:
+                    reject(number, item, item["item_id"], "http(s) image references are disabled "
+                           "(set catalog.allow_http_images=true to allow them)")
+                    continue
+                item["image_fingerprint"] = uri
+            elif "://" in uri and not uri.startswith("s3://"):
+                reject(number, item, item["item_id"],
+                       f"unsupported image reference scheme: {uri.split('://')[0]}://")
+                continue
+            elif config.check_images:
+                fingerprint, reason = checked[uri]
+                if reason:
+                    reject(number, item, item["item_id"], reason)
+                    continue
+                item["image_fingerprint"] = fingerprint
+        items.append(item)
+    quarantine.sort(key=lambda q: q["row"])
+    return items, quarantine, attribute_columns
+
+
+def item_hash(item: dict[str, Any]) -> str:
+    """Hash of everything the pipeline reads from an item: text, attributes and the image's
+    content fingerprint (not its location, so moving a catalog keeps its hashes)."""
+    return stable_hash({k: v for k, v in item.items() if k not in ("item_hash", "image")})
+
+
+def ingest_catalog(uri: str, config: CatalogConfig) -> IngestResult:
+    """Read, validate, normalize and hash a catalog. Pure: writes nothing."""
+    rows, bad, digest = read_catalog(uri)
+    items, quarantine, attributes = validate_rows(rows, bad, uri, config)
+    for item in items:
+        item["item_hash"] = item_hash(item)
+    columns = ["item_id", "title", "description", "image", "image_fingerprint", *attributes,
+               "item_hash"]
+    items_table = pa.Table.from_pylist(
+        [{c: item.get(c) for c in columns} for item in items],
+        schema=_items_schema(items, attributes),
+    )
+    quarantine_table = pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
+    log.info("ingest: %d rows -> %d items, %d quarantined (%s)", len(rows), len(items),
+             len(quarantine), uri)
+    return IngestResult(items_table, quarantine_table, len(rows), digest, attributes)
+
+
+def _items_schema(items: list[dict[str, Any]], attributes: list[str]) -> pa.Schema:
+    fields = [pa.field(c, pa.string()) for c in
+              ("item_id", "title", "description", "image", "image_fingerprint")]
+    for col in attributes:
+        values = [item[col] for item in items if item.get(col) is not None]
+        try:
+            dtype = pa.array(values).type if values else pa.string()
+        except (pa.ArrowInvalid, pa.ArrowTypeError):
+            dtype = None
+        if dtype is None or pa.types.is_null(dtype):
+            dtype = pa.string()
+            for item in items:
+                if item.get(col) is not None and not isinstance(item[col], str):
+                    item[col] = json.dumps(item[col], default=str, ensure_ascii=False)
+        fields.append(pa.field(col, dtype))
+    fields.append(pa.field("item_hash", pa.string()))
+    return pa.schema(fields)
+
+
+# -- the stage ----------------------------------------------------------------------------------
+class IngestOutcome(StageOutcome):
+    input_rows: int = 0
+    quarantined: int = 0
+    catalog_sha256: str = ""
+    items_hash: str = ""  # hash of every item hash, in item_id order
+    attribute_columns: list[str] = []
+
+
+ITEMS_FILE = "items.parquet"
+QUARANTINE_FILE = "quarantine.parquet"
+
+
+def ingest_stage(store: ArtifactStore, run: RunInfo, config: CatalogConfig) -> IngestOutcome:
+    """Ingest the catalog into the run's staging folder (items.parquet, quarantine.parquet)."""
+    started = time.perf_counter()
+    result = ingest_catalog(config.uri, config)
+    items = result.items.sort_by("item_id")
+    store.write_parquet(items, *staging_dir(run.run_id), ITEMS_FILE)
+    store.write_parquet(result.quarantine, *staging_dir(run.run_id), QUARANTINE_FILE)
+    return IngestOutcome(
+        stage="ingest",
+        key="ingest",
+        index=ITEMS_FILE,
+        stats=StageStats(computed=items.num_rows, failed=result.quarantine.num_rows,
+                         seconds=time.perf_counter() - started),
+        input_rows=result.input_rows,
+        quarantined=result.quarantine.num_rows,
+        catalog_sha256=result.catalog_sha256,
+        items_hash=hash_strings(items["item_hash"].to_pylist()),
+        attribute_columns=result.attribute_columns,
+    )
+
+
+@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def ingest_task(config: PipelineConfig, run: RunInfo) -> IngestOutcome:
+    outcome = ingest_stage(ArtifactStore(config.store), run, config.catalog)
+    get_run_logger().info(
+        "ingest: %d rows -> %d items, %d quarantined", outcome.input_rows,
+        outcome.stats.computed, outcome.quarantined,
+    )
+    return outcome

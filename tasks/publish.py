@@ -1,0 +1,115 @@
+"""publish: write the run's tables to their published names and the manifest last.
+
+Also checks the one invariant users rely on most: every input row is assigned, quarantined or
+failed, with a reason (`input == assigned + quarantined + failed`).
+"""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from prefect import get_run_logger, task
+from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+import sidpipe
+from sidpipe.config import PipelineConfig
+from sidpipe.storage.manifest import (
+    Counts,
+    Manifest,
+    catalog_dir,
+    publish,
+    sids_dir,
+    staging_dir,
+    utcnow,
+)
+from sidpipe.storage.store import ArtifactStore, concat_tables
+from sidpipe.tasks.assign import QUALITY_FILE, SIDS_FILE, TOKENS_FILE, AssignOutcome
+from sidpipe.tasks.fit import FitOutcome
+from sidpipe.tasks.ingest import ITEMS_FILE, QUARANTINE_FILE, IngestOutcome
+from sidpipe.tasks.stage import ERRORS_SCHEMA, RunInfo, StageOutcome
+
+ERRORS_FILE = "errors.parquet"
+
+
+def code_version() -> dict:
+    """sidpipe's version and, when run from a git checkout, the commit (and whether it is dirty)."""
+    version: dict = {"sidpipe": sidpipe.__version__, "git_commit": None, "git_dirty": None}
+    root = Path(sidpipe.__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                                text=True, timeout=5)
+        if commit.returncode == 0:
+            version["git_commit"] = commit.stdout.strip()
+            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                                    cwd=root, capture_output=True, text=True, timeout=5)
+            version["git_dirty"] = bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return version
+
+
+def publish_stage(
+    store: ArtifactStore,
+    run: RunInfo,
+    config: PipelineConfig,
+    ingest: IngestOutcome,
+    stages: list[StageOutcome],
+    fit: FitOutcome,
+    assign: AssignOutcome,
+) -> Manifest:
+    staging = staging_dir(run.run_id)
+    errors = concat_tables(
+        store.read_parquet(*staging, s.errors) for s in stages if s.errors is not None
+    ) or ERRORS_SCHEMA.empty_table()
+    store.write_parquet(errors, *staging, ERRORS_FILE)
+
+    counts = Counts(input=ingest.input_rows, assigned=assign.assigned,
+                    quarantined=ingest.quarantined, failed=errors.num_rows)
+    counts.check()  # before anything is published
+    by_name = {s.stage: s for s in [ingest, *stages, fit, assign]}
+    manifest = Manifest(
+        run_id=run.run_id,
+        catalog=run.catalog,
+        run_date=run.run_date,
+        started_at=run.started_at,
+        finished_at=utcnow(),
+        code_version=code_version(),
+        config=config.model_dump(mode="json"),
+        models={name: s.model for name, s in by_name.items() if s.model},
+        inputs={"catalog": config.catalog.uri, "catalog_sha256": ingest.catalog_sha256,
+                "items_hash": ingest.items_hash, "rows": ingest.input_rows,
+                "attribute_columns": ingest.attribute_columns},
+        tokenizer_id=fit.tokenizer_id,
+        counts=counts,
+        stages={name: s.stats for name, s in by_name.items()},
+    )
+    sids, cat = sids_dir(run.catalog, run.run_date), catalog_dir(run.catalog, run.run_date)
+    items_rows = store.read_parquet(*staging, ITEMS_FILE, columns=["item_id"]).num_rows
+    return publish(store, manifest, {
+        "items": (ITEMS_FILE, cat, items_rows),
+        "quarantine": (QUARANTINE_FILE, cat, ingest.quarantined),
+        "sids": (SIDS_FILE, sids, assign.assigned),
+        "errors": (ERRORS_FILE, sids, errors.num_rows),
+        "quality": (QUALITY_FILE, sids, None),
+        "tokens": (TOKENS_FILE, sids, None),
+    })
+
+
+@task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+def publish_task(config: PipelineConfig, run: RunInfo, ingest: IngestOutcome,
+                 stages: list[StageOutcome], fit: FitOutcome, assign: AssignOutcome) -> Manifest:
+    store = ArtifactStore(config.store)
+    manifest = publish_stage(store, run, config, ingest, stages, fit, assign)
+    create_table_artifact(
+        [{"stage": name, **s.model_dump()} for name, s in manifest.stages.items()],
+        key="tokenization-stages", description=f"Stages of run {run.run_id}",
+    )
+    create_link_artifact(store.uri(manifest.files["sids"].path), link_text="SID table",
+                         key="sid-table", description=f"{run.catalog} {run.run_date}")
+    get_run_logger().info("publish: %s/%s published (%d assigned, %d quarantined, %d failed)",
+                          run.catalog, run.run_date, manifest.counts.assigned,
+                          manifest.counts.quarantined, manifest.counts.failed)
+    return manifest
+
