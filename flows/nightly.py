@@ -48,14 +48,24 @@ def nightly_tokenization(
 ) -> dict:
     """Tokenize a catalog into Semantic IDs and publish them under <store>/sids/<catalog>/<date>/."""
     logger = get_run_logger()
-    run = RunInfo(run_id=_run_id(), run_date=_logical_date(run_date),
-                  catalog=config.catalog.name, started_at=utcnow())
+    run = RunInfo(
+        run_id=_run_id(),
+        run_date=_logical_date(run_date),
+        catalog=config.catalog.name,
+        started_at=utcnow(),
+    )
     store = ArtifactStore(config.store)
-    record = RunRecord(run_id=run.run_id, catalog=run.catalog, run_date=run.run_date,
-                       status="running", started_at=run.started_at)
+    record = RunRecord(
+        run_id=run.run_id,
+        catalog=run.catalog,
+        run_date=run.run_date,
+        status="running",
+        started_at=run.started_at,
+    )
     write_run_record(store, record)
-    logger.info("run %s: catalog %s for %s into %s", run.run_id, run.catalog, run.run_date,
-                store.root_uri)
+    logger.info(
+        "run %s: catalog %s for %s into %s", run.run_id, run.catalog, run.run_date, store.root_uri
+    )
     try:
         ingest = ingest_task(config, run)
         caption = caption_task(config, run, ingest)
@@ -65,12 +75,27 @@ def nightly_tokenization(
         assign = assign_task(config, run, embed, fit)
         manifest = publish_task(config, run, ingest, [caption, interests, embed], fit, assign)
     except BaseException as exc:
-        write_run_record(store, record.model_copy(update={
-            "status": "failed", "finished_at": utcnow(), "error": f"{type(exc).__name__}: {exc}"}))
+        write_run_record(
+            store,
+            record.model_copy(
+                update={
+                    "status": "failed",
+                    "finished_at": utcnow(),
+                    "error": f"{type(exc).__name__}: {exc}",
+                }
+            ),
+        )
         raise
-    write_run_record(store, record.model_copy(update={
-        "status": "published", "finished_at": manifest.finished_at, "counts": manifest.counts,
-        "stages": manifest.stages,
-        "published": "/".join(["sids", run.catalog, run.run_date.isoformat()]),
-    }))
+    write_run_record(
+        store,
+        record.model_copy(
+            update={
+                "status": "published",
+                "finished_at": manifest.finished_at,
+                "counts": manifest.counts,
+                "stages": manifest.stages,
+                "published": "/".join(["sids", run.catalog, run.run_date.isoformat()]),
+            }
+        ),
+    )
     return manifest.model_dump(mode="json")

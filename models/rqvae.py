@@ -45,9 +45,11 @@ def size_codebooks(
         raise CatalogTooSmallError(
             f"{n_items:,} items cannot fill codebooks {wanted}: that needs >= {need:,} items "
             f"({min_points_per_code} per code). "
-            + ("Use smaller tokenizer.codebook_sizes or tokenizer.small_catalog=shrink."
-               if cap >= 2 else
-               f"At least {2 * min_points_per_code} items are needed for any tokenizer.")
+            + (
+                "Use smaller tokenizer.codebook_sizes or tokenizer.small_catalog=shrink."
+                if cap >= 2
+                else f"At least {2 * min_points_per_code} items are needed for any tokenizer."
+            )
         )
     sizes = [min(k, cap) for k in requested]
     return sizes, (
@@ -103,7 +105,9 @@ class RQVAE(nn.Module):
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
+    def quantize(
+        self, z: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         """Codes [N, L], the chosen codeword per level, and the residual each level saw."""
         residual = z
         codes, chosen, residuals = [], [], []
@@ -116,12 +120,18 @@ class RQVAE(nn.Module):
             residual = residual - q.detach()
         return torch.stack(codes, dim=1), chosen, residuals
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    def forward(
+        self, x: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
         xs = self.standardize(x)
         z = self.encoder(xs)
         codes, chosen, residuals = self.quantize(z)
-        codebook_loss = sum(((r.detach() - q) ** 2).mean() for r, q in zip(residuals, chosen, strict=True))
-        commitment = sum(((r - q.detach()) ** 2).mean() for r, q in zip(residuals, chosen, strict=True))
+        codebook_loss = sum(
+            ((r.detach() - q) ** 2).mean() for r, q in zip(residuals, chosen, strict=True)
+        )
+        commitment = sum(
+            ((r - q.detach()) ** 2).mean() for r, q in zip(residuals, chosen, strict=True)
+        )
         z_q = sum(chosen)
         z_st = z + (z_q - z).detach()  # straight-through: decoder sees z_q, encoder gets grads
         recon = ((self.decoder(z_st) - xs) ** 2).mean()
@@ -169,8 +179,14 @@ def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> tuple[np.ndarra
 
     gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
     km = faiss.Kmeans(
-        x.shape[1], k, niter=iterations, seed=seed, gpu=gpus > 0, verbose=False,
-        min_points_per_centroid=1, max_points_per_centroid=256,
+        x.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        gpu=gpus > 0,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=256,
     )
     km.train(np.ascontiguousarray(x, dtype=np.float32))
     return np.asarray(km.centroids, dtype=np.float32), "gpu" if gpus > 0 else "cpu"

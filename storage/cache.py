@@ -39,8 +39,11 @@ class StageCache:
         self.prefix = ("cache", stage, key)
 
     def _parts(self) -> list[str]:
-        return [p for p in self.store.listdir(*self.prefix) if p.rsplit("/", 1)[-1].startswith(
-            "part-") and p.endswith(".parquet")]
+        return [
+            p
+            for p in self.store.listdir(*self.prefix)
+            if p.rsplit("/", 1)[-1].startswith("part-") and p.endswith(".parquet")
+        ]
 
     def lookup(self, input_hashes: Iterable[str]) -> pa.Table | None:
         """Cached rows whose input hash is among `input_hashes` (one row per hash), or None."""
@@ -73,8 +76,10 @@ class StageCache:
             raise ValueError(f"cache rows for {self.stage} need an {INPUT_HASH!r} column")
         if self.params is not None and not self.store.exists(*self.prefix, "_KEY.json"):
             # For people browsing the store: what this key stands for.
-            self.store.write_json({"stage": self.stage, "key": self.key, "params": self.params},
-                                  *self.prefix, "_KEY.json")
+            self.store.write_json(
+                {"stage": self.stage, "key": self.key, "params": self.params},
+                *self.prefix,
+                "_KEY.json",
+            )
         name = f"part-{hash_strings(sorted(table[INPUT_HASH].to_pylist()), 20)}.parquet"
         return self.store.write_parquet(table, *self.prefix, name)
-

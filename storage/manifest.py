@@ -15,7 +15,7 @@ file's sha256 and row count, so a reader can check that what it reads is what wa
 
 from __future__ import annotations
 
-from datetime import date, datetime, timezone
+from datetime import UTC, date, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
@@ -95,7 +95,7 @@ class RunRecord(BaseModel):
 
 
 def utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def sids_dir(catalog: str, run_date: date) -> tuple[str, ...]:
@@ -133,6 +133,7 @@ def publish(
     `staged` maps a file's role to (file name in staging, destination folder, row count).
     Returns the published manifest (with its `files`).
     """
+    manifest.counts.check()  # before anything moves
     target = sids_dir(manifest.catalog, manifest.run_date)
     # Unpublish first: from here until the new manifest exists, readers see no run for this date
     # rather than a mix of old and new files.
@@ -145,10 +146,11 @@ def publish(
             path=store.relative(path), sha256=sha256_bytes(data), bytes=len(data), rows=rows
         )
     manifest = manifest.model_copy(update={"files": files})
-    manifest.counts.check()
     store.write_json(manifest.model_dump(mode="json"), *target, MANIFEST_NAME)
-    for name, _, _ in staged.values():
-        store.delete(*staging_dir(manifest.run_id), name)
+    # Staging is done with: keep only the run record, the run log's line for this run.
+    for path in store.listdir(*staging_dir(manifest.run_id)):
+        if not path.endswith(RUN_RECORD_NAME):
+            store.delete(store.relative(path))
     return manifest
 
 
@@ -170,5 +172,7 @@ def latest_published(
     store: ArtifactStore, catalog: str, not_after: date | None = None
 ) -> Manifest | None:
     """The newest published run of a catalog (with run_date <= `not_after`, if given)."""
-    runs = [m for m in published_runs(store, catalog) if not_after is None or m.run_date <= not_after]
+    runs = [
+        m for m in published_runs(store, catalog) if not_after is None or m.run_date <= not_after
+    ]
     return runs[-1] if runs else None

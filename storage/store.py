@@ -56,8 +56,10 @@ class ArtifactStore:
     # -- paths ---------------------------------------------------------------------------------
     def path(self, *parts: str) -> str:
         """Filesystem path of an artifact, relative parts joined under the root."""
-        return posixpath.join(self.root, *parts) if not _is_local(self.fs) else os.path.join(
-            self.root, *parts
+        return (
+            posixpath.join(self.root, *parts)
+            if not _is_local(self.fs)
+            else os.path.join(self.root, *parts)
         )
 
     def uri(self, *parts: str) -> str:
@@ -128,7 +130,8 @@ class ArtifactStore:
         return path
 
     def write_json(self, obj: Any, *parts: str) -> str:
-        data = json.dumps(obj, indent=2, sort_keys=True, default=str).encode() + b"\n"
+        # Insertion order is kept (stages in DAG order); it is deterministic for our models.
+        data = json.dumps(obj, indent=2, default=str).encode() + b"\n"
         return self.write_bytes(data, *parts)
 
     def write_text(self, text: str, *parts: str) -> str:

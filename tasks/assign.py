@@ -20,32 +20,34 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sidpipe.config import PipelineConfig
-from sidpipe.models.sid_quality import sid_quality
+from sidpipe.models.sids import (
+    codebook_tokens,
+    quality_markdown,
+    sid_quality,
+    sid_string,
+    suffix_tokens,
+)
 from sidpipe.storage.manifest import StageStats, latest_published, staging_dir
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.embed import load_embeddings
-from sidpipe.tasks.fit import LEVEL_LETTERS, FitOutcome, codebook_tokens, load_tokenizer
+from sidpipe.tasks.fit import FitOutcome, load_tokenizer
 from sidpipe.tasks.stage import RunInfo, StageOutcome, read_items
 
 SIDS_FILE = "sids.parquet"
 QUALITY_FILE = "quality.json"
 TOKENS_FILE = "tokens.txt"
 
-SID_SCHEMA = pa.schema([
-    ("item_id", pa.string()),
-    ("codes", pa.list_(pa.int32())),
-    ("suffix", pa.int32()),
-    ("sid", pa.string()),
-    ("tokenizer_id", pa.string()),
-    ("first_assigned", pa.date32()),
-    ("item_hash", pa.string()),
-])
-
-
-def sid_string(codes: list[int], suffix: int) -> str:
-    """Token string of a SID: <a_12><b_7><c_901><d_0> (the last letter is the suffix)."""
-    tokens = [f"<{LEVEL_LETTERS[level]}_{code}>" for level, code in enumerate(codes)]
-    return "".join(tokens) + f"<{LEVEL_LETTERS[len(codes)]}_{suffix}>"
+SID_SCHEMA = pa.schema(
+    [
+        ("item_id", pa.string()),
+        ("codes", pa.list_(pa.int32())),
+        ("suffix", pa.int32()),
+        ("sid", pa.string()),
+        ("tokenizer_id", pa.string()),
+        ("first_assigned", pa.date32()),
+        ("item_hash", pa.string()),
+    ]
+)
 
 
 def assign_sids(
@@ -59,8 +61,9 @@ def assign_sids(
     """The SID table for items with code tuples [N, L]; `previous` is the last published table."""
     prev: dict[str, tuple[tuple[int, ...], int, date]] = {}
     if previous is not None:
-        for row in previous.select(["item_id", "codes", "suffix", "tokenizer_id",
-                                    "first_assigned"]).to_pylist():
+        for row in previous.select(
+            ["item_id", "codes", "suffix", "tokenizer_id", "first_assigned"]
+        ).to_pylist():
             if row["tokenizer_id"] == tokenizer_id:
                 prev[row["item_id"]] = (tuple(row["codes"]), row["suffix"], row["first_assigned"])
 
@@ -85,16 +88,21 @@ def assign_sids(
         for i in sorted(newcomers, key=lambda j: item_ids[j]):
             suffix[i] = next(free)
 
-    return pa.table({
-        "item_id": pa.array(item_ids, pa.string()),
-        "codes": pa.array([list(t) for t in tuples], pa.list_(pa.int32())),
-        "suffix": pa.array(suffix, pa.int32()),
-        "sid": pa.array([sid_string(list(t), int(s)) for t, s in zip(tuples, suffix, strict=True)],
-                        pa.string()),
-        "tokenizer_id": pa.array([tokenizer_id] * len(item_ids), pa.string()),
-        "first_assigned": pa.array(first, pa.date32()),
-        "item_hash": pa.array(item_hashes or [None] * len(item_ids), pa.string()),
-    }, schema=SID_SCHEMA)
+    return pa.table(
+        {
+            "item_id": pa.array(item_ids, pa.string()),
+            "codes": pa.array([list(t) for t in tuples], pa.list_(pa.int32())),
+            "suffix": pa.array(suffix, pa.int32()),
+            "sid": pa.array(
+                [sid_string(list(t), int(s)) for t, s in zip(tuples, suffix, strict=True)],
+                pa.string(),
+            ),
+            "tokenizer_id": pa.array([tokenizer_id] * len(item_ids), pa.string()),
+            "first_assigned": pa.array(first, pa.date32()),
+            "item_hash": pa.array(item_hashes or [None] * len(item_ids), pa.string()),
+        },
+        schema=SID_SCHEMA,
+    )
 
 
 class AssignOutcome(StageOutcome):
@@ -102,8 +110,9 @@ class AssignOutcome(StageOutcome):
     quality: dict = {}
 
 
-def assign_stage(store: ArtifactStore, run: RunInfo, items: pa.Table, embed: StageOutcome,
-                 fit: FitOutcome) -> AssignOutcome:
+def assign_stage(
+    store: ArtifactStore, run: RunInfo, items: pa.Table, embed: StageOutcome, fit: FitOutcome
+) -> AssignOutcome:
     started = time.perf_counter()
     item_ids, _, x = load_embeddings(store, run, embed)
     model, _ = load_tokenizer(store, fit.tokenizer_id)
@@ -113,8 +122,9 @@ def assign_stage(store: ArtifactStore, run: RunInfo, items: pa.Table, embed: Sta
     if previous_run is not None and "sids" in previous_run.files:
         previous = store.read_parquet(previous_run.files["sids"].path)
     hashes = dict(zip(items["item_id"].to_pylist(), items["item_hash"].to_pylist(), strict=True))
-    table = assign_sids(item_ids, codes, fit.tokenizer_id, run.run_date,
-                        [hashes[i] for i in item_ids], previous)
+    table = assign_sids(
+        item_ids, codes, fit.tokenizer_id, run.run_date, [hashes[i] for i in item_ids], previous
+    )
 
     quality = sid_quality(codes, fit.codebook_sizes)
     suffixes = table["suffix"].to_numpy()
@@ -129,51 +139,32 @@ def assign_stage(store: ArtifactStore, run: RunInfo, items: pa.Table, embed: Sta
     staging = staging_dir(run.run_id)
     store.write_parquet(table, *staging, SIDS_FILE)
     store.write_json(quality, *staging, QUALITY_FILE)
-    suffix_tokens = [f"<{LEVEL_LETTERS[len(fit.codebook_sizes)]}_{s}>"
-                     for s in range(quality["max_suffix"] + 1)]
-    store.write_text("\n".join(codebook_tokens(fit.codebook_sizes) + suffix_tokens) + "\n",
-                     *staging, TOKENS_FILE)
+    tokens = codebook_tokens(fit.codebook_sizes) + suffix_tokens(
+        len(fit.codebook_sizes), quality["max_suffix"]
+    )
+    store.write_text("\n".join(tokens) + "\n", *staging, TOKENS_FILE)
     return AssignOutcome(
-        stage="assign", key=fit.tokenizer_id, index=SIDS_FILE,
+        stage="assign",
+        key=fit.tokenizer_id,
+        index=SIDS_FILE,
         stats=StageStats(computed=table.num_rows, seconds=time.perf_counter() - started),
-        assigned=table.num_rows, quality=quality,
+        assigned=table.num_rows,
+        quality=quality,
     )
 
 
-def quality_markdown(quality: dict) -> str:
-    """The quality report as a short markdown table (Prefect artifact, CLI)."""
-    lines = [
-        f"**SID quality** for tokenizer `{quality['tokenizer_id']}` ({quality['items']:,} items)",
-        "",
-        "| level | codes | used | utilization | perplexity |",
-        "|---|---|---|---|---|",
-    ]
-    for i, level in enumerate(quality["levels"]):
-        lines.append(f"| {LEVEL_LETTERS[i]} | {level['codebook_size']} | {level['used_codes']} | "
-                     f"{level['utilization']:.1%} | {level['perplexity']:.1f} |")
-    cos = ", ".join(f"{c:.3f}" for c in quality["reconstruction_cosine_by_depth"])
-    lines += [
-        "",
-        f"- distinct code tuples: {quality['distinct_tuples']:,} "
-        f"({quality['distinct_tuple_rate']:.1%} of items); unique items "
-        f"{quality['unique_item_rate']:.1%}",
-        f"- largest bucket: {quality['max_bucket']} items; bucket Gini {quality['bucket_gini']:.3f}",
-        f"- items needing a suffix: {quality['items_with_suffix']:,} (max suffix "
-        f"{quality['max_suffix']})",
-        f"- reconstruction cosine by depth: {cos}",
-    ]
-    if quality.get("sizing_message"):
-        lines.append(f"- sizing: {quality['sizing_message']}")
-    return "\n".join(lines)
-
-
 @task(name="assign", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def assign_task(config: PipelineConfig, run: RunInfo, embed: StageOutcome,
-                fit: FitOutcome) -> AssignOutcome:
+def assign_task(
+    config: PipelineConfig, run: RunInfo, embed: StageOutcome, fit: FitOutcome
+) -> AssignOutcome:
     store = ArtifactStore(config.store)
     outcome = assign_stage(store, run, read_items(store, run), embed, fit)
-    create_markdown_artifact(quality_markdown(outcome.quality), key="sid-quality",
-                             description="SID quality of this run")
-    get_run_logger().info("assign: %d SIDs, %.1f%% distinct code tuples", outcome.assigned,
-                          100 * outcome.quality["distinct_tuple_rate"])
+    create_markdown_artifact(
+        quality_markdown(outcome.quality), key="sid-quality", description="SID quality of this run"
+    )
+    get_run_logger().info(
+        "assign: %d SIDs, %.1f%% distinct code tuples",
+        outcome.assigned,
+        100 * outcome.quality["distinct_tuple_rate"],
+    )
     return outcome

@@ -18,7 +18,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
 from sidpipe.config import EmbedConfig, PipelineConfig
-from sidpipe.models.embedders import EmbedInput, Embedder, SentenceTransformerEmbedder
+from sidpipe.models.embedders import Embedder, EmbedInput, SentenceTransformerEmbedder
 from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
@@ -41,8 +41,12 @@ CHUNK_ITEMS = 8192  # items embedded (and cached) per chunk: bounds memory and l
 TEXT_TEMPLATE_VERSION = "v1"
 
 
-def item_text(item: dict, attributes: list[str], caption: str | None = None,
-              interests: list[str] | None = None) -> str:
+def item_text(
+    item: dict,
+    attributes: list[str],
+    caption: str | None = None,
+    interests: list[str] | None = None,
+) -> str:
     """The item's enriched text: title, description, caption, interests, then attributes."""
     parts = [item.get("title"), item.get("description")]
     if caption:
@@ -93,12 +97,19 @@ def embed_stage(
         item_id = item["item_id"]
         if item_id in exclude:
             continue
-        inp = EmbedInput(item_text(item, attributes, captions.get(item_id), interests.get(item_id)),
-                         item.get("image"))
+        inp = EmbedInput(
+            item_text(item, attributes, captions.get(item_id), interests.get(item_id)),
+            item.get("image"),
+        )
         key_fields = embedder.input_key(inp)
         if not any(key_fields.values()):
-            errors.append((item_id, "nothing to embed: no text (and this embedder reads no "
-                                    "image); add a title or enable captioning"))
+            errors.append(
+                (
+                    item_id,
+                    "nothing to embed: no text (and this embedder reads no "
+                    "image); add a title or enable captioning",
+                )
+            )
             continue
         ids.append(item_id)
         hashes.append(stable_hash(key_fields))
@@ -111,19 +122,29 @@ def embed_stage(
         if h not in have:
             todo.setdefault(h, inp)
     n_computed = sum(1 for h in hashes if h not in have)
-    log.info("embed: %d items, %d cached, %d to compute with %s", len(ids), len(ids) - n_computed,
-             n_computed, embedder.name)
+    log.info(
+        "embed: %d items, %d cached, %d to compute with %s",
+        len(ids),
+        len(ids) - n_computed,
+        n_computed,
+        embedder.name,
+    )
 
     done = 0
     todo_items = list(todo.items())
     for start in range(0, len(todo_items), CHUNK_ITEMS):
         chunk = todo_items[start : start + CHUNK_ITEMS]
         vectors = embedder.embed([inp for _, inp in chunk])
-        cache.put(pa.table({
-            "input_hash": pa.array([h for h, _ in chunk], pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(vectors.reshape(-1), pa.float32()), embedder.dim),
-        }))
+        cache.put(
+            pa.table(
+                {
+                    "input_hash": pa.array([h for h, _ in chunk], pa.string()),
+                    "embedding": pa.FixedSizeListArray.from_arrays(
+                        pa.array(vectors.reshape(-1), pa.float32()), embedder.dim
+                    ),
+                }
+            )
+        )
         done += len(chunk)
         if progress is not None:
             progress(done, len(todo_items))
@@ -133,15 +154,24 @@ def embed_stage(
         key=key,
         index=write_index(store, run, "embed", ids, hashes),
         errors=write_errors(store, run, "embed", errors),
-        stats=StageStats(computed=n_computed, cached=len(ids) - n_computed, failed=len(errors),
-                         seconds=time.perf_counter() - started),
-        model={"name": embedder.name, "revision": embedder.revision, "dim": embedder.dim,
-               "text_template": params["text_template"]},
+        stats=StageStats(
+            computed=n_computed,
+            cached=len(ids) - n_computed,
+            failed=len(errors),
+            seconds=time.perf_counter() - started,
+        ),
+        model={
+            "name": embedder.name,
+            "revision": embedder.revision,
+            "dim": embedder.dim,
+            "text_template": params["text_template"],
+        },
     )
 
 
-def load_embeddings(store: ArtifactStore, run: RunInfo,
-                    outcome: StageOutcome) -> tuple[list[str], list[str], np.ndarray]:
+def load_embeddings(
+    store: ArtifactStore, run: RunInfo, outcome: StageOutcome
+) -> tuple[list[str], list[str], np.ndarray]:
     """(item_ids, input hashes, embeddings [N, D]) of the run's embedded items, by item_id."""
     index = read_index(store, run, outcome).sort_by("item_id")
     ids, hashes = index["item_id"].to_pylist(), index["input_hash"].to_pylist()
@@ -153,13 +183,20 @@ def load_embeddings(store: ArtifactStore, run: RunInfo,
     row = {h: i for i, h in enumerate(cached["input_hash"].to_pylist())}
     missing = [i for i, h in zip(ids, hashes, strict=True) if h not in row]
     if missing:
-        raise RuntimeError(f"embed cache {outcome.key} lacks {len(missing)} items, e.g. {missing[:3]}")
+        raise RuntimeError(
+            f"embed cache {outcome.key} lacks {len(missing)} items, e.g. {missing[:3]}"
+        )
     return ids, hashes, matrix[[row[h] for h in hashes]]
 
 
 @task(name="embed", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def embed_task(config: PipelineConfig, run: RunInfo, ingest: IngestOutcome,
-               caption: StageOutcome, interests: StageOutcome) -> StageOutcome:
+def embed_task(
+    config: PipelineConfig,
+    run: RunInfo,
+    ingest: IngestOutcome,
+    caption: StageOutcome,
+    interests: StageOutcome,
+) -> StageOutcome:
     store = ArtifactStore(config.store)
     items = read_items(store, run)
     artifact = create_progress_artifact(0.0, description="embed: items embedded")
@@ -168,13 +205,26 @@ def embed_task(config: PipelineConfig, run: RunInfo, ingest: IngestOutcome,
         update_progress_artifact(artifact, 100.0 * done / max(total, 1))
 
     outcome = embed_stage(
-        store, run, items, ingest.attribute_columns, make_embedder(config.embed), config.embed,
+        store,
+        run,
+        items,
+        ingest.attribute_columns,
+        make_embedder(config.embed),
+        config.embed,
         captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
-        interests=stage_values(store, run, interests, "interests") if not interests.skipped else None,
-        exclude=failed_items(store, run, [caption, interests]), progress=progress,
+        interests=stage_values(store, run, interests, "interests")
+        if not interests.skipped
+        else None,
+        exclude=failed_items(store, run, [caption, interests]),
+        progress=progress,
     )
     update_progress_artifact(artifact, 100.0)
     s = outcome.stats
-    get_run_logger().info("embed: %d computed, %d cached, %d failed in %.1fs", s.computed,
-                          s.cached, s.failed, s.seconds)
+    get_run_logger().info(
+        "embed: %d computed, %d cached, %d failed in %.1fs",
+        s.computed,
+        s.cached,
+        s.failed,
+        s.seconds,
+    )
     return outcome

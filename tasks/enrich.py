@@ -36,8 +36,9 @@ def enrichment_stage(stage: str, endpoint: ModelEndpointConfig, items: pa.Table)
     """Run one enrichment stage over the run's items, or skip it when no server is configured."""
     started = time.perf_counter()
     if not endpoint.url:
-        log.info("%s: skipped for %d items (no endpoint; %s)", stage, items.num_rows,
-                 ENABLE_HINT[stage])
+        log.info(
+            "%s: skipped for %d items (no endpoint; %s)", stage, items.num_rows, ENABLE_HINT[stage]
+        )
         return StageOutcome(
             stage=stage,
             stats=StageStats(skipped=items.num_rows, seconds=time.perf_counter() - started),
@@ -61,8 +62,9 @@ def caption_task(config: PipelineConfig, run: RunInfo, ingest: StageOutcome) -> 
 
 
 @task(name="interests", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
-def interests_task(config: PipelineConfig, run: RunInfo, ingest: StageOutcome,
-                   caption: StageOutcome) -> StageOutcome:
+def interests_task(
+    config: PipelineConfig, run: RunInfo, ingest: StageOutcome, caption: StageOutcome
+) -> StageOutcome:
     items = read_items(ArtifactStore(config.store), run)
     outcome = enrichment_stage("interests", config.interests, items)
     if outcome.skipped:

@@ -25,6 +25,7 @@ from sidpipe.models.rqvae import (
     save_rqvae,
     size_codebooks,
 )
+from sidpipe.models.sids import codebook_tokens
 from sidpipe.storage.hashing import hash_strings, stable_hash
 from sidpipe.storage.manifest import StageStats, utcnow
 from sidpipe.storage.store import ArtifactStore
@@ -32,8 +33,6 @@ from sidpipe.tasks.embed import load_embeddings
 from sidpipe.tasks.stage import RunInfo, StageOutcome
 
 log = logging.getLogger(__name__)
-
-LEVEL_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 class FitOutcome(StageOutcome):
@@ -44,12 +43,6 @@ class FitOutcome(StageOutcome):
 
 def tokenizer_dir(tokenizer_id: str) -> tuple[str, ...]:
     return ("tokenizers", tokenizer_id)
-
-
-def codebook_tokens(codebook_sizes: list[int]) -> list[str]:
-    """The SID tokens of every code of every level: <a_0> ... <c_1023>."""
-    return [f"<{LEVEL_LETTERS[level]}_{code}>" for level, size in enumerate(codebook_sizes)
-            for code in range(size)]
 
 
 def fit_stage(
@@ -67,12 +60,19 @@ def fit_stage(
     if message:
         log.warning("fit: %s", message)
     model_config = RQVAEConfig(
-        input_dim=x.shape[1], codebook_sizes=sizes, hidden_dims=list(config.hidden_dims),
-        latent_dim=config.latent_dim, commitment_weight=config.commitment_weight,
+        input_dim=x.shape[1],
+        codebook_sizes=sizes,
+        hidden_dims=list(config.hidden_dims),
+        latent_dim=config.latent_dim,
+        commitment_weight=config.commitment_weight,
     )
-    train = TrainConfig(epochs=config.epochs, batch_size=config.batch_size,
-                        learning_rate=config.learning_rate,
-                        kmeans_iterations=config.kmeans_iterations, seed=config.seed)
+    train = TrainConfig(
+        epochs=config.epochs,
+        batch_size=config.batch_size,
+        learning_rate=config.learning_rate,
+        kmeans_iterations=config.kmeans_iterations,
+        seed=config.seed,
+    )
     identity = {
         "method": "rqvae",
         "embed_key": embed.key,
@@ -92,29 +92,49 @@ def fit_stage(
         weights, model_json = save_rqvae(model)
         store.write_bytes(weights, *where, "model.safetensors")
         store.write_text("\n".join(codebook_tokens(sizes)) + "\n", *where, "tokens.txt")
-        store.write_json({
-            **report.to_dict(),
-            "reconstruction_cosine_by_depth": model.reconstruction_cosine_by_depth(x),
-        }, *where, "fit_report.json")
-        store.write_json({
-            "tokenizer_id": tokenizer_id,
-            "method": "rqvae",
-            "model": model_json,
-            "train": train.__dict__,
-            "requested_codebook_sizes": list(config.codebook_sizes),
-            "codebook_sizes": sizes,
-            "sizing_message": message,
-            "embed": embed.model | {"key": embed.key},
-            "trained_on": {"items": len(x), "data_hash": identity["data"], "run_id": run.run_id},
-            "created_at": utcnow().isoformat(),
-        }, *where, "config.json")
+        store.write_json(
+            {
+                **report.to_dict(),
+                "reconstruction_cosine_by_depth": model.reconstruction_cosine_by_depth(x),
+            },
+            *where,
+            "fit_report.json",
+        )
+        store.write_json(
+            {
+                "tokenizer_id": tokenizer_id,
+                "method": "rqvae",
+                "model": model_json,
+                "train": train.__dict__,
+                "requested_codebook_sizes": list(config.codebook_sizes),
+                "codebook_sizes": sizes,
+                "sizing_message": message,
+                "embed": embed.model | {"key": embed.key},
+                "trained_on": {
+                    "items": len(x),
+                    "data_hash": identity["data"],
+                    "run_id": run.run_id,
+                },
+                "created_at": utcnow().isoformat(),
+            },
+            *where,
+            "config.json",
+        )
         stats = StageStats(computed=len(x), seconds=time.perf_counter() - started)
     return FitOutcome(
-        stage="fit", key=tokenizer_id, stats=stats, tokenizer_id=tokenizer_id,
-        codebook_sizes=sizes, sizing_message=message,
-        model={"name": "rqvae", "tokenizer_id": tokenizer_id, "codebook_sizes": sizes,
-               "requested_codebook_sizes": list(config.codebook_sizes),
-               "sizing_message": message},
+        stage="fit",
+        key=tokenizer_id,
+        stats=stats,
+        tokenizer_id=tokenizer_id,
+        codebook_sizes=sizes,
+        sizing_message=message,
+        model={
+            "name": "rqvae",
+            "tokenizer_id": tokenizer_id,
+            "codebook_sizes": sizes,
+            "requested_codebook_sizes": list(config.codebook_sizes),
+            "sizing_message": message,
+        },
     )
 
 
@@ -130,10 +150,18 @@ def fit_task(config: PipelineConfig, run: RunInfo, embed: StageOutcome) -> FitOu
 
     def progress(epoch: int, epochs: int, losses: dict[str, float]) -> None:
         if epoch == epochs or epoch % max(1, epochs // 5) == 0:
-            logger.info("fit: epoch %d/%d, loss %.4f (reconstruction %.4f)", epoch, epochs,
-                        losses.get("total", 0.0), losses.get("reconstruction", 0.0))
+            logger.info(
+                "fit: epoch %d/%d, loss %.4f (reconstruction %.4f)",
+                epoch,
+                epochs,
+                losses.get("total", 0.0),
+                losses.get("reconstruction", 0.0),
+            )
 
     outcome = fit_stage(ArtifactStore(config.store), run, embed, config.tokenizer, progress)
-    logger.info("fit: tokenizer %s (%s)", outcome.tokenizer_id,
-                "reused" if outcome.stats.cached else "trained")
+    logger.info(
+        "fit: tokenizer %s (%s)",
+        outcome.tokenizer_id,
+        "reused" if outcome.stats.cached else "trained",
+    )
     return outcome

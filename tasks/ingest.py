@@ -64,9 +64,15 @@ QUARANTINE_SCHEMA = pa.schema(
 # -- reading ------------------------------------------------------------------------------------
 def _format_of(uri: str) -> str:
     name = uri.lower().split("?")[0]
-    for suffix, fmt in ((".parquet", "parquet"), (".pq", "parquet"), (".jsonl", "jsonl"),
-                        (".ndjson", "jsonl"), (".jsonl.gz", "jsonl"), (".csv", "csv"),
-                        (".csv.gz", "csv")):
+    for suffix, fmt in (
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".jsonl.gz", "jsonl"),
+        (".csv", "csv"),
+        (".csv.gz", "csv"),
+    ):
         if name.endswith(suffix):
             return fmt
     raise CatalogError(
@@ -134,8 +140,13 @@ def read_catalog(uri: str) -> tuple[list[dict[str, Any]], list[tuple[int, str, s
                 continue  # blank line
             number = len(rows) + 1
             if len(fields) != len(header):
-                bad.append((number, f"CSV row has {len(fields)} fields, header has "
-                                    f"{len(header)}", ",".join(fields)))
+                bad.append(
+                    (
+                        number,
+                        f"CSV row has {len(fields)} fields, header has {len(header)}",
+                        ",".join(fields),
+                    )
+                )
                 rows.append(None)
                 continue
             rows.append({k: (v if v != "" else None) for k, v in zip(header, fields, strict=True)})
@@ -152,8 +163,10 @@ def read_catalog(uri: str) -> tuple[list[dict[str, Any]], list[tuple[int, str, s
 
 
 def _missing_id_message(uri: str, columns: list[str]) -> str:
-    return (f"{uri}: no 'item_id' column (columns: {', '.join(columns) or 'none'}); "
-            "rename your id column to item_id")
+    return (
+        f"{uri}: no 'item_id' column (columns: {', '.join(columns) or 'none'}); "
+        "rename your id column to item_id"
+    )
 
 
 # -- normalizing --------------------------------------------------------------------------------
@@ -177,7 +190,7 @@ def _jsonable(value: Any) -> Any:
 def resolve_image(ref: str, catalog_uri: str) -> str:
     """Absolute URI of an image reference; relative paths are relative to the catalog file."""
     if "://" in ref:
-        return ref[len("file://"):] if ref.startswith("file://") else ref
+        return ref[len("file://") :] if ref.startswith("file://") else ref
     if os.path.isabs(ref):
         return ref
     if "://" in catalog_uri:
@@ -247,11 +260,13 @@ def validate_rows(
 ) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[str]]:
     """Split rows into usable items and quarantined rows (each with a reason)."""
     quarantine: list[dict[str, Any]] = [
-        {"row": number, "item_id": None, "reason": reason, "raw": raw} for number, reason, raw in bad
+        {"row": number, "item_id": None, "reason": reason, "raw": raw}
+        for number, reason, raw in bad
     ]
     # Attribute columns in the catalog's own order of first appearance.
-    attribute_columns = list(dict.fromkeys(
-        k for r in rows if r for k in r if k not in CORE_COLUMNS))
+    attribute_columns = list(
+        dict.fromkeys(k for r in rows if r for k in r if k not in CORE_COLUMNS)
+    )
 
     def reject(number: int, row: dict[str, Any], item_id: str | None, reason: str) -> None:
         raw = json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str, ensure_ascii=False)
@@ -267,7 +282,9 @@ def validate_rows(
             reject(number, row, None, "empty item_id")
             continue
         if len(item_id) > MAX_ITEM_ID_LENGTH:
-            reject(number, row, item_id[:64], f"item_id longer than {MAX_ITEM_ID_LENGTH} characters")
+            reject(
+                number, row, item_id[:64], f"item_id longer than {MAX_ITEM_ID_LENGTH} characters"
+            )
             continue
         item = {
             "item_id": item_id,
@@ -296,11 +313,15 @@ def validate_rows(
         if all(item == first for _, item in copies[1:]):
             unique.append(copies[0])
             for number, item in copies[1:]:
-                reject(number, item, item_id, f"duplicate item_id (identical to row {first_number})")
+                reject(
+                    number, item, item_id, f"duplicate item_id (identical to row {first_number})"
+                )
         else:
             numbers = ", ".join(str(n) for n, _ in copies)
             for number, item in copies:
-                reject(number, item, item_id, f"duplicate item_id with conflicting rows ({numbers})")
+                reject(
+                    number, item, item_id, f"duplicate item_id with conflicting rows ({numbers})"
+                )
 
     # Image references: allowed scheme, then one listing per folder.
     to_check: list[str] = []
@@ -324,13 +345,22 @@ def validate_rows(
         if uri is not None:
             if uri.startswith(("http://", "https://")):
                 if not config.allow_http_images:
-                    reject(number, item, item["item_id"], "http(s) image references are disabled "
-                           "(set catalog.allow_http_images=true to allow them)")
+                    reject(
+                        number,
+                        item,
+                        item["item_id"],
+                        "http(s) image references are disabled "
+                        "(set catalog.allow_http_images=true to allow them)",
+                    )
                     continue
                 item["image_fingerprint"] = uri
             elif "://" in uri and not uri.startswith("s3://"):
-                reject(number, item, item["item_id"],
-                       f"unsupported image reference scheme: {uri.split('://')[0]}://")
+                reject(
+                    number,
+                    item,
+                    item["item_id"],
+                    f"unsupported image reference scheme: {uri.split('://')[0]}://",
+                )
                 continue
             elif config.check_images:
                 fingerprint, reason = checked[uri]
@@ -355,21 +385,35 @@ def ingest_catalog(uri: str, config: CatalogConfig) -> IngestResult:
     items, quarantine, attributes = validate_rows(rows, bad, uri, config)
     for item in items:
         item["item_hash"] = item_hash(item)
-    columns = ["item_id", "title", "description", "image", "image_fingerprint", *attributes,
-               "item_hash"]
+    columns = [
+        "item_id",
+        "title",
+        "description",
+        "image",
+        "image_fingerprint",
+        *attributes,
+        "item_hash",
+    ]
+    schema = _items_schema(items, attributes)  # may turn mixed-type values into text
     items_table = pa.Table.from_pylist(
-        [{c: item.get(c) for c in columns} for item in items],
-        schema=_items_schema(items, attributes),
+        [{c: item.get(c) for c in columns} for item in items], schema=schema
     )
     quarantine_table = pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA)
-    log.info("ingest: %d rows -> %d items, %d quarantined (%s)", len(rows), len(items),
-             len(quarantine), uri)
+    log.info(
+        "ingest: %d rows -> %d items, %d quarantined (%s)",
+        len(rows),
+        len(items),
+        len(quarantine),
+        uri,
+    )
     return IngestResult(items_table, quarantine_table, len(rows), digest, attributes)
 
 
 def _items_schema(items: list[dict[str, Any]], attributes: list[str]) -> pa.Schema:
-    fields = [pa.field(c, pa.string()) for c in
-              ("item_id", "title", "description", "image", "image_fingerprint")]
+    fields = [
+        pa.field(c, pa.string())
+        for c in ("item_id", "title", "description", "image", "image_fingerprint")
+    ]
     for col in attributes:
         values = [item[col] for item in items if item.get(col) is not None]
         try:
@@ -410,8 +454,11 @@ def ingest_stage(store: ArtifactStore, run: RunInfo, config: CatalogConfig) -> I
         stage="ingest",
         key="ingest",
         index=ITEMS_FILE,
-        stats=StageStats(computed=items.num_rows, failed=result.quarantine.num_rows,
-                         seconds=time.perf_counter() - started),
+        stats=StageStats(
+            computed=items.num_rows,
+            failed=result.quarantine.num_rows,
+            seconds=time.perf_counter() - started,
+        ),
         input_rows=result.input_rows,
         quarantined=result.quarantine.num_rows,
         catalog_sha256=result.catalog_sha256,
@@ -424,7 +471,9 @@ def ingest_stage(store: ArtifactStore, run: RunInfo, config: CatalogConfig) -> I
 def ingest_task(config: PipelineConfig, run: RunInfo) -> IngestOutcome:
     outcome = ingest_stage(ArtifactStore(config.store), run, config.catalog)
     get_run_logger().info(
-        "ingest: %d rows -> %d items, %d quarantined", outcome.input_rows,
-        outcome.stats.computed, outcome.quarantined,
+        "ingest: %d rows -> %d items, %d quarantined",
+        outcome.input_rows,
+        outcome.stats.computed,
+        outcome.quarantined,
     )
     return outcome

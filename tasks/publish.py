@@ -38,12 +38,18 @@ def code_version() -> dict:
     version: dict = {"sidpipe": sidpipe.__version__, "git_commit": None, "git_dirty": None}
     root = Path(sidpipe.__file__).resolve().parent.parent
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
-                                text=True, timeout=5)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
+        )
         if commit.returncode == 0:
             version["git_commit"] = commit.stdout.strip()
-            status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                                    cwd=root, capture_output=True, text=True, timeout=5)
+            status = subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=root,
+                capture_output=True,
+                text=True,
+                timeout=5,
+            )
             version["git_dirty"] = bool(status.stdout.strip())
     except (OSError, subprocess.SubprocessError):
         pass
@@ -60,13 +66,20 @@ def publish_stage(
     assign: AssignOutcome,
 ) -> Manifest:
     staging = staging_dir(run.run_id)
-    errors = concat_tables(
-        store.read_parquet(*staging, s.errors) for s in stages if s.errors is not None
-    ) or ERRORS_SCHEMA.empty_table()
+    errors = (
+        concat_tables(
+            store.read_parquet(*staging, s.errors) for s in stages if s.errors is not None
+        )
+        or ERRORS_SCHEMA.empty_table()
+    )
     store.write_parquet(errors, *staging, ERRORS_FILE)
 
-    counts = Counts(input=ingest.input_rows, assigned=assign.assigned,
-                    quarantined=ingest.quarantined, failed=errors.num_rows)
+    counts = Counts(
+        input=ingest.input_rows,
+        assigned=assign.assigned,
+        quarantined=ingest.quarantined,
+        failed=errors.num_rows,
+    )
     counts.check()  # before anything is published
     by_name = {s.stage: s for s in [ingest, *stages, fit, assign]}
     manifest = Manifest(
@@ -78,38 +91,61 @@ def publish_stage(
         code_version=code_version(),
         config=config.model_dump(mode="json"),
         models={name: s.model for name, s in by_name.items() if s.model},
-        inputs={"catalog": config.catalog.uri, "catalog_sha256": ingest.catalog_sha256,
-                "items_hash": ingest.items_hash, "rows": ingest.input_rows,
-                "attribute_columns": ingest.attribute_columns},
+        inputs={
+            "catalog": config.catalog.uri,
+            "catalog_sha256": ingest.catalog_sha256,
+            "items_hash": ingest.items_hash,
+            "rows": ingest.input_rows,
+            "attribute_columns": ingest.attribute_columns,
+        },
         tokenizer_id=fit.tokenizer_id,
         counts=counts,
         stages={name: s.stats for name, s in by_name.items()},
     )
     sids, cat = sids_dir(run.catalog, run.run_date), catalog_dir(run.catalog, run.run_date)
     items_rows = store.read_parquet(*staging, ITEMS_FILE, columns=["item_id"]).num_rows
-    return publish(store, manifest, {
-        "items": (ITEMS_FILE, cat, items_rows),
-        "quarantine": (QUARANTINE_FILE, cat, ingest.quarantined),
-        "sids": (SIDS_FILE, sids, assign.assigned),
-        "errors": (ERRORS_FILE, sids, errors.num_rows),
-        "quality": (QUALITY_FILE, sids, None),
-        "tokens": (TOKENS_FILE, sids, None),
-    })
+    return publish(
+        store,
+        manifest,
+        {
+            "items": (ITEMS_FILE, cat, items_rows),
+            "quarantine": (QUARANTINE_FILE, cat, ingest.quarantined),
+            "sids": (SIDS_FILE, sids, assign.assigned),
+            "errors": (ERRORS_FILE, sids, errors.num_rows),
+            "quality": (QUALITY_FILE, sids, None),
+            "tokens": (TOKENS_FILE, sids, None),
+        },
+    )
 
 
 @task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
-def publish_task(config: PipelineConfig, run: RunInfo, ingest: IngestOutcome,
-                 stages: list[StageOutcome], fit: FitOutcome, assign: AssignOutcome) -> Manifest:
+def publish_task(
+    config: PipelineConfig,
+    run: RunInfo,
+    ingest: IngestOutcome,
+    stages: list[StageOutcome],
+    fit: FitOutcome,
+    assign: AssignOutcome,
+) -> Manifest:
     store = ArtifactStore(config.store)
     manifest = publish_stage(store, run, config, ingest, stages, fit, assign)
     create_table_artifact(
         [{"stage": name, **s.model_dump()} for name, s in manifest.stages.items()],
-        key="tokenization-stages", description=f"Stages of run {run.run_id}",
+        key="tokenization-stages",
+        description=f"Stages of run {run.run_id}",
     )
-    create_link_artifact(store.uri(manifest.files["sids"].path), link_text="SID table",
-                         key="sid-table", description=f"{run.catalog} {run.run_date}")
-    get_run_logger().info("publish: %s/%s published (%d assigned, %d quarantined, %d failed)",
-                          run.catalog, run.run_date, manifest.counts.assigned,
-                          manifest.counts.quarantined, manifest.counts.failed)
+    create_link_artifact(
+        store.uri(manifest.files["sids"].path),
+        link_text="SID table",
+        key="sid-table",
+        description=f"{run.catalog} {run.run_date}",
+    )
+    get_run_logger().info(
+        "publish: %s/%s published (%d assigned, %d quarantined, %d failed)",
+        run.catalog,
+        run.run_date,
+        manifest.counts.assigned,
+        manifest.counts.quarantined,
+        manifest.counts.failed,
+    )
     return manifest
-

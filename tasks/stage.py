@@ -45,11 +45,16 @@ class StageOutcome(BaseModel):
         return self.key is None
 
 
-def write_index(store: ArtifactStore, run: RunInfo, stage: str, item_ids: list[str],
-                input_hashes: list[str]) -> str:
+def write_index(
+    store: ArtifactStore, run: RunInfo, stage: str, item_ids: list[str], input_hashes: list[str]
+) -> str:
     name = f"{stage}-index.parquet"
-    table = pa.table({"item_id": pa.array(item_ids, pa.string()),
-                      "input_hash": pa.array(input_hashes, pa.string())})
+    table = pa.table(
+        {
+            "item_id": pa.array(item_ids, pa.string()),
+            "input_hash": pa.array(input_hashes, pa.string()),
+        }
+    )
     store.write_parquet(table, *staging_dir(run.run_id), name)
     return name
 
@@ -60,8 +65,9 @@ def read_index(store: ArtifactStore, run: RunInfo, outcome: StageOutcome) -> pa.
     return store.read_parquet(*staging_dir(run.run_id), outcome.index)
 
 
-def write_errors(store: ArtifactStore, run: RunInfo, stage: str,
-                 errors: list[tuple[str, str]]) -> str | None:
+def write_errors(
+    store: ArtifactStore, run: RunInfo, stage: str, errors: list[tuple[str, str]]
+) -> str | None:
     """Per-item errors as (item_id, message); returns the staged file name, if any."""
     if not errors:
         return None
@@ -73,8 +79,9 @@ def write_errors(store: ArtifactStore, run: RunInfo, stage: str,
     return name
 
 
-def stage_values(store: ArtifactStore, run: RunInfo, outcome: StageOutcome,
-                 column: str) -> dict[str, object]:
+def stage_values(
+    store: ArtifactStore, run: RunInfo, outcome: StageOutcome, column: str
+) -> dict[str, object]:
     """item_id -> a cached result column of an upstream stage ({} if it was skipped)."""
     index = read_index(store, run, outcome)
     if index is None or index.num_rows == 0:
@@ -85,8 +92,9 @@ def stage_values(store: ArtifactStore, run: RunInfo, outcome: StageOutcome,
     by_hash = dict(zip(cached["input_hash"].to_pylist(), cached[column].to_pylist(), strict=True))
     return {
         item_id: by_hash[h]
-        for item_id, h in zip(index["item_id"].to_pylist(), index["input_hash"].to_pylist(),
-                              strict=True)
+        for item_id, h in zip(
+            index["item_id"].to_pylist(), index["input_hash"].to_pylist(), strict=True
+        )
         if h in by_hash
     }
 
@@ -101,6 +109,8 @@ def failed_items(store: ArtifactStore, run: RunInfo, outcomes: list[StageOutcome
     failed: set[str] = set()
     for outcome in outcomes:
         if outcome.errors is not None:
-            table = store.read_parquet(*staging_dir(run.run_id), outcome.errors, columns=["item_id"])
+            table = store.read_parquet(
+                *staging_dir(run.run_id), outcome.errors, columns=["item_id"]
+            )
             failed.update(table["item_id"].to_pylist())
     return failed

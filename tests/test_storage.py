@@ -1,0 +1,126 @@
+"""The artifact store, the stage cache and atomic publish, on a local folder and on S3 (moto)."""
+
+import os
+from datetime import date
+
+import pyarrow as pa
+import pytest
+
+from sidpipe.storage.cache import StageCache, stage_key
+from sidpipe.storage.manifest import (
+    MANIFEST_NAME,
+    Counts,
+    Manifest,
+    StageStats,
+    publish,
+    published_runs,
+    read_manifest,
+    staging_dir,
+    utcnow,
+)
+from sidpipe.storage.store import ArtifactStore, StoreError
+
+
+@pytest.fixture(params=["local", "s3"])
+def store(request, tmp_path):
+    if request.param == "local":
+        return ArtifactStore(str(tmp_path / "store"))
+    return ArtifactStore(request.getfixturevalue("s3") + "/prefix")
+
+
+def test_roundtrip_bytes_json_parquet(store):
+    store.write_bytes(b"hello", "a", "b.bin")
+    store.write_json({"x": 1}, "a", "c.json")
+    store.write_parquet(pa.table({"v": [1, 2, 3]}), "a", "d.parquet")
+    assert store.read_bytes("a", "b.bin") == b"hello"
+    assert store.read_json("a", "c.json") == {"x": 1}
+    assert store.read_parquet("a", "d.parquet")["v"].to_pylist() == [1, 2, 3]
+    assert [p.rsplit("/", 1)[-1] for p in store.listdir("a")] == ["b.bin", "c.json", "d.parquet"]
+
+
+def test_uri_is_readable_by_other_tools(store):
+    store.write_parquet(pa.table({"v": [1]}), "t.parquet")
+    uri = store.uri("t.parquet")
+    assert uri.startswith("s3://") if store.protocol == "s3" else os.path.isabs(uri)
+
+
+def test_failed_local_write_leaves_nothing_behind(tmp_path, monkeypatch):
+    store = ArtifactStore(str(tmp_path))
+    store.write_bytes(b"old", "f.bin")
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(StoreError, match="f.bin"):
+        store.write_bytes(b"new but broken", "f.bin")
+    assert store.read_bytes("f.bin") == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]  # no temporary file left
+
+
+def test_stage_cache_hits_only_what_was_stored(store):
+    cache = StageCache(store, "embed", stage_key("embed", {"model": "m"}), {"model": "m"})
+    assert cache.lookup(["a", "b"]) is None
+    cache.put(pa.table({"input_hash": ["a", "b"], "value": [1, 2]}))
+    cache.put(pa.table({"input_hash": ["c"], "value": [3]}))
+    found = cache.lookup(["a", "c", "zz"])
+    assert sorted(zip(found["input_hash"].to_pylist(), found["value"].to_pylist())) == [
+        ("a", 1),
+        ("c", 3),
+    ]
+    assert store.read_json("cache", "embed", cache.key, "_KEY.json")["params"] == {"model": "m"}
+
+
+def test_stage_cache_key_changes_with_any_parameter():
+    assert stage_key("embed", {"model": "m", "v": 1}) != stage_key("embed", {"model": "m", "v": 2})
+    assert stage_key("embed", {"a": 1, "b": 2}) == stage_key("embed", {"b": 2, "a": 1})
+
+
+def test_stage_cache_returns_one_row_per_hash_even_if_stored_twice(store):
+    cache = StageCache(store, "s", "k")
+    cache.put(pa.table({"input_hash": ["a", "b"], "value": [1, 2]}))
+    cache.put(pa.table({"input_hash": ["a"], "value": [1]}))  # e.g. two runs racing
+    assert sorted(cache.lookup(["a", "b"])["input_hash"].to_pylist()) == ["a", "b"]
+
+
+def _manifest(run_id="r1", day=date(2026, 11, 1), counts=None):
+    now = utcnow()
+    return Manifest(
+        run_id=run_id,
+        catalog="cat",
+        run_date=day,
+        started_at=now,
+        finished_at=now,
+        code_version={},
+        config={},
+        models={},
+        inputs={},
+        tokenizer_id="t",
+        counts=counts or Counts(input=3, assigned=2, quarantined=1, failed=0),
+        stages={"embed": StageStats(computed=2)},
+    )
+
+
+def test_publish_moves_staged_files_and_writes_manifest_last(store):
+    store.write_parquet(pa.table({"item_id": ["a", "b"]}), *staging_dir("r1"), "sids.parquet")
+    manifest = publish(
+        store, _manifest(), {"sids": ("sids.parquet", ("sids", "cat", "2026-11-01"), 2)}
+    )
+    assert manifest.files["sids"].path == "sids/cat/2026-11-01/sids.parquet"
+    assert manifest.files["sids"].rows == 2 and len(manifest.files["sids"].sha256) == 64
+    assert read_manifest(store, "cat", "2026-11-01").files == manifest.files
+    assert store.listdir(*staging_dir("r1")) == []
+    assert [m.run_id for m in published_runs(store)] == ["r1"]
+
+
+def test_a_run_without_manifest_is_invisible(store):
+    store.write_parquet(pa.table({"item_id": ["a"]}), "sids", "cat", "2026-11-02", "sids.parquet")
+    assert published_runs(store) == []
+
+
+def test_counts_that_do_not_add_up_are_never_published(store):
+    store.write_parquet(pa.table({"item_id": ["a"]}), *staging_dir("r2"), "sids.parquet")
+    bad = _manifest("r2", counts=Counts(input=5, assigned=2, quarantined=1, failed=0))
+    with pytest.raises(AssertionError, match="do not add up"):
+        publish(store, bad, {"sids": ("sids.parquet", ("sids", "cat", "2026-11-01"), 1)})
+    assert not store.exists("sids", "cat", "2026-11-01", MANIFEST_NAME)

@@ -1,0 +1,125 @@
+"""fit and assign: codebook sizing, a deterministic RQ-VAE, stable collision suffixes, quality."""
+
+from datetime import date
+
+import numpy as np
+import pytest
+
+from sidpipe.models.rqvae import (
+    CatalogTooSmallError,
+    RQVAEConfig,
+    TrainConfig,
+    fit_rqvae,
+    load_rqvae,
+    save_rqvae,
+    size_codebooks,
+)
+from sidpipe.models.sids import gini, level_stats, sid_quality, sid_string
+from sidpipe.tasks.assign import assign_sids
+
+
+def clustered(n=600, dim=24, centers=12, seed=0):
+    rng = np.random.default_rng(seed)
+    c = rng.standard_normal((centers, dim)) * 3
+    x = c[rng.integers(0, centers, n)] + rng.standard_normal((n, dim)) * 0.5
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+def test_sizes_are_kept_when_the_catalog_is_large_enough():
+    assert size_codebooks(200_000, [4096, 2048, 1024], 39, "shrink") == ([4096, 2048, 1024], None)
+
+
+def test_small_catalog_shrinks_with_a_message_that_says_so():
+    sizes, message = size_codebooks(1000, [4096, 2048, 1024], 39, "shrink")
+    assert sizes == [25, 25, 25]
+    assert "1,000 items cannot fill codebooks 4096/2048/1024" in message
+    assert "shrinking to 25/25/25" in message and "small_catalog=refuse" in message
+
+
+def test_small_catalog_refused_when_asked():
+    with pytest.raises(CatalogTooSmallError, match="needs >= 159,744 items"):
+        size_codebooks(1000, [4096, 2048, 1024], 39, "refuse")
+
+
+def test_tiny_catalog_is_always_refused():
+    with pytest.raises(CatalogTooSmallError, match="At least 78 items"):
+        size_codebooks(50, [256], 39, "shrink")
+
+
+def fit(x, seed=1, epochs=8, sizes=(8, 8, 8)):
+    return fit_rqvae(
+        x,
+        RQVAEConfig(x.shape[1], list(sizes), hidden_dims=[32], latent_dim=8),
+        TrainConfig(epochs=epochs, batch_size=128, seed=seed, learning_rate=3e-3),
+    )
+
+
+def test_fit_is_deterministic_for_a_seed():
+    x = clustered()
+    a, _ = fit(x, seed=5)
+    b, _ = fit(x, seed=5)
+    c, _ = fit(x, seed=6)
+    assert np.array_equal(a.encode(x), b.encode(x))
+    assert not np.array_equal(a.encode(x), c.encode(x))
+
+
+def test_fit_uses_its_codebooks_and_reconstructs_better_with_depth():
+    x = clustered()
+    model, report = fit(x, epochs=50)
+    codes = model.encode(x)
+    assert codes.shape == (len(x), 3) and codes.dtype == np.int32
+    quality = sid_quality(codes, [8, 8, 8])
+    assert all(level["utilization"] >= 0.75 for level in quality["levels"])
+    cos = model.reconstruction_cosine_by_depth(x)
+    assert cos[0] < cos[-1] and cos[-1] > 0.9
+    assert report.kmeans_device == "cpu" and report.epochs == 50
+
+
+def test_weights_roundtrip_through_safetensors():
+    x = clustered()
+    model, _ = fit(x)
+    weights, config = save_rqvae(model)
+    assert np.array_equal(load_rqvae(weights, config).encode(x), model.encode(x))
+
+
+def test_sid_string_format():
+    assert sid_string([12, 7, 901], 0) == "<a_12><b_7><c_901><d_0>"
+
+
+def test_colliding_items_get_distinct_suffixes():
+    codes = np.array([[1, 2, 3], [1, 2, 3], [4, 5, 6], [1, 2, 3]])
+    table = assign_sids(["b", "a", "c", "d"], codes, "tok", date(2026, 11, 1))
+    rows = {r["item_id"]: r for r in table.to_pylist()}
+    assert [rows[i]["suffix"] for i in "abcd"] == [0, 1, 0, 2]  # item_id order within a tuple
+    assert rows["a"]["sid"] == "<a_1><b_2><c_3><d_0>"
+    assert len(set(table["sid"].to_pylist())) == 4
+
+
+def test_existing_items_keep_suffix_and_first_assigned_date():
+    day1, day2 = date(2026, 11, 1), date(2026, 11, 2)
+    first = assign_sids(["b", "c"], np.array([[1, 1], [1, 1]]), "tok", day1)
+    # "a" arrives and sorts before b and c, but must not take their suffixes.
+    second = assign_sids(
+        ["a", "b", "c"], np.array([[1, 1], [1, 1], [1, 1]]), "tok", day2, previous=first
+    )
+    rows = {r["item_id"]: r for r in second.to_pylist()}
+    assert (rows["b"]["suffix"], rows["c"]["suffix"], rows["a"]["suffix"]) == (0, 1, 2)
+    assert rows["b"]["first_assigned"] == day1 and rows["a"]["first_assigned"] == day2
+
+
+def test_a_new_tokenizer_assigns_afresh():
+    first = assign_sids(["a"], np.array([[1]]), "tok-1", date(2026, 11, 1))
+    second = assign_sids(["a"], np.array([[1]]), "tok-2", date(2026, 11, 2), previous=first)
+    assert second["first_assigned"][0].as_py() == date(2026, 11, 2)
+
+
+def test_quality_metrics():
+    assert gini(np.array([5, 5, 5])) == pytest.approx(0.0)
+    assert gini(np.array([0, 0, 9])) == pytest.approx(2 / 3)
+    uniform = level_stats(np.arange(8).repeat(3), 8)
+    assert uniform["perplexity"] == pytest.approx(8) and uniform["utilization"] == 1.0
+    half = level_stats(np.array([0, 1, 2, 3]), 8)
+    assert half["dead_codes"] == 4 and half["utilization"] == 0.5
+    q = sid_quality(np.array([[1, 1], [1, 1], [2, 2]]), [4, 4])
+    assert (q["distinct_tuples"], q["max_bucket"]) == (2, 2)
+    assert q["unique_item_rate"] == pytest.approx(1 / 3)
