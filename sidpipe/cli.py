@@ -33,6 +33,7 @@ console = Console()
 err = Console(stderr=True)
 
 COSTLY_STAGES = ("caption", "interests", "embed", "fit")
+STAGE_COLUMNS = ("stage", "computed", "cached", "skipped", "failed", "seconds")
 
 ConfigOption = Annotated[
     Path | None,
@@ -54,6 +55,14 @@ def _prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sidpipe")
+
+
+def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) -> Table:
+    """A rich table whose cells wrap instead of being cut: ids must stay readable."""
+    table = Table(title=title)
+    for column in columns:
+        table.add_column(column, overflow="fold", justify="right" if column in right else "left")
+    return table
 
 
 def _fail(message: str) -> typer.Exit:
@@ -105,9 +114,11 @@ def run(
 
 
 def _print_run_summary(manifest: dict, seconds: float) -> None:
-    table = Table(title=f"{manifest['catalog']} {manifest['run_date']}  (run {manifest['run_id']})")
-    for column in ("stage", "computed", "cached", "skipped", "failed", "seconds"):
-        table.add_column(column, justify="left" if column == "stage" else "right")
+    table = _table(
+        f"{manifest['catalog']} {manifest['run_date']}  (run {manifest['run_id']})",
+        STAGE_COLUMNS,
+        right=STAGE_COLUMNS[1:],
+    )
     for name, s in manifest["stages"].items():
         table.add_row(
             name,
@@ -189,9 +200,10 @@ def inspect(
         return
     _print_manifest(manifest)
     sids = artifact_store.read_parquet(manifest.files["sids"].path)
-    head = Table(title=f"sids.parquet ({sids.num_rows:,} rows; first {min(rows, sids.num_rows)})")
-    for column in ("item_id", "sid", "codes", "suffix", "first_assigned"):
-        head.add_column(column)
+    head = _table(
+        f"sids.parquet ({sids.num_rows:,} rows; first {min(rows, sids.num_rows)})",
+        ("item_id", "sid", "codes", "suffix", "first_assigned"),
+    )
     for row in sids.slice(0, rows).to_pylist():
         head.add_row(
             row["item_id"],
@@ -213,18 +225,12 @@ def _print_run_list(manifests, records, store) -> None:
     if not manifests and not records:
         console.print(f"no runs in {store.root_uri}")
         return
-    published = Table(title=f"published runs in {store.root_uri}")
-    for column in (
-        "catalog",
-        "run_date",
-        "run_id",
-        "input",
-        "assigned",
-        "quarantined",
-        "failed",
-        "tokenizer",
-    ):
-        published.add_column(column)
+    counts = ("input", "assigned", "quarantined", "failed")
+    published = _table(
+        f"published runs in {store.root_uri}",
+        ("catalog", "run_date", "run_id", *counts, "tokenizer"),
+        right=counts,
+    )
     for m in manifests:
         c = m.counts
         published.add_row(
@@ -238,18 +244,19 @@ def _print_run_list(manifests, records, store) -> None:
             m.tokenizer_id or "",
         )
     console.print(published)
-    log = Table(title="run log (every run, newest last)")
-    for column in (
-        "run_id",
-        "catalog",
-        "run_date",
-        "status",
-        "computed (embed/fit)",
-        "cached (embed/fit)",
-        "seconds",
-        "note",
-    ):
-        log.add_column(column)
+    log = _table(
+        "run log (every run, newest last)",
+        (
+            "run_id",
+            "catalog",
+            "run_date",
+            "status",
+            "computed embed/fit",
+            "cached embed/fit",
+            "seconds",
+            "error",
+        ),
+    )
     for r in records:
         embed, fit = r.stages.get("embed"), r.stages.get("fit")
         computed = f"{embed.computed:,}/{fit.computed:,}" if embed and fit else ""
@@ -282,9 +289,7 @@ def _print_manifest(m) -> None:
         f"tokenizer: {m.tokenizer_id}; code: sidpipe {m.code_version.get('sidpipe')} "
         f"{(m.code_version.get('git_commit') or '')[:10]}"
     )
-    stages = Table(title="stages")
-    for column in ("stage", "computed", "cached", "skipped", "failed", "seconds"):
-        stages.add_column(column, justify="left" if column == "stage" else "right")
+    stages = _table("stages", STAGE_COLUMNS, right=STAGE_COLUMNS[1:])
     for name, s in m.stages.items():
         stages.add_row(
             name,
@@ -295,9 +300,7 @@ def _print_manifest(m) -> None:
             f"{s.seconds:.1f}",
         )
     console.print(stages)
-    files = Table(title="files")
-    for column in ("role", "path", "rows", "bytes"):
-        files.add_column(column)
+    files = _table("files", ("role", "path", "rows", "bytes"), right=("rows", "bytes"))
     for role, f in m.files.items():
         files.add_row(role, f.path, "" if f.rows is None else f"{f.rows:,}", f"{f.bytes:,}")
     console.print(files)

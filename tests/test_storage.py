@@ -64,7 +64,9 @@ def test_stage_cache_hits_only_what_was_stored(store):
     cache.put(pa.table({"input_hash": ["a", "b"], "value": [1, 2]}))
     cache.put(pa.table({"input_hash": ["c"], "value": [3]}))
     found = cache.lookup(["a", "c", "zz"])
-    assert sorted(zip(found["input_hash"].to_pylist(), found["value"].to_pylist())) == [
+    assert sorted(
+        zip(found["input_hash"].to_pylist(), found["value"].to_pylist(), strict=True)
+    ) == [
         ("a", 1),
         ("c", 3),
     ]

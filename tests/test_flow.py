@@ -1,0 +1,191 @@
+"""The nightly flow end to end under Prefect: publish, counts, re-run from cache, S3, failures."""
+
+from datetime import date
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import sample_rows, small_config, write_catalog
+from typer.testing import CliRunner
+
+from sidpipe.cli import app
+from sidpipe.storage.manifest import published_runs, read_manifest, run_records
+from sidpipe.storage.store import ArtifactStore
+
+pytestmark = pytest.mark.usefixtures("prefect_api", "wide_console")
+DAY = date(2026, 11, 20)
+COSTLY = ("caption", "interests", "embed", "fit")
+
+
+@pytest.fixture
+def wide_console():
+    """Rich wraps long ids on an 80-column terminal; tests read whole lines."""
+    from sidpipe import cli
+
+    width = cli.console.width
+    cli.console.width = 220
+    yield
+    cli.console.width = width
+
+
+def run_flow(config, day=DAY):
+    from sidpipe.flows.nightly import nightly_tokenization
+
+    return nightly_tokenization(config, run_date=day)
+
+
+def test_run_publishes_sids_and_rerun_recomputes_nothing_costly(tmp_path, small_catalog):
+    config = small_config(str(tmp_path / "store"), str(small_catalog))
+    first = run_flow(config)
+    assert first["counts"] == {"input": 120, "assigned": 120, "quarantined": 0, "failed": 0}
+    assert first["stages"]["embed"]["computed"] == 120
+    assert first["stages"]["fit"]["computed"] == 120
+    assert first["stages"]["caption"]["skipped"] == 120
+    assert first["stages"]["interests"]["skipped"] == 120
+
+    store = ArtifactStore(config.store)
+    sids = store.read_parquet("sids", "test-catalog", DAY.isoformat(), "sids.parquet")
+    assert sids.column_names[:6] == [
+        "item_id",
+        "codes",
+        "suffix",
+        "sid",
+        "tokenizer_id",
+        "first_assigned",
+    ]
+    assert sids.num_rows == 120 and len(set(sids["sid"].to_pylist())) == 120
+    assert all(len(c) == 3 for c in sids["codes"].to_pylist())
+    manifest = read_manifest(store, "test-catalog", DAY)
+    assert manifest.models["embed"]["dim"] == 384
+    assert manifest.config["tokenizer"]["codebook_sizes"] == [8, 8, 8]
+    assert manifest.inputs["catalog_sha256"] and manifest.code_version["sidpipe"]
+    tokenizer = store.read_json("tokenizers", manifest.tokenizer_id, "config.json")
+    assert tokenizer["codebook_sizes"] == [8, 8, 8]
+    quality = store.read_json(manifest.files["quality"].path)
+    assert len(quality["levels"]) == 3 and len(quality["reconstruction_cosine_by_depth"]) == 3
+
+    second = run_flow(config)
+    assert all(second["stages"][s]["computed"] == 0 for s in COSTLY)
+    assert second["stages"]["embed"]["cached"] == 120 and second["stages"]["fit"]["cached"] == 120
+    assert second["tokenizer_id"] == first["tokenizer_id"]
+    again = store.read_parquet("sids", "test-catalog", DAY.isoformat(), "sids.parquet")
+    assert again["sid"].to_pylist() == sids["sid"].to_pylist()  # stable
+    assert [r.status for r in run_records(store)] == ["published", "published"]
+
+
+def test_bad_rows_are_quarantined_and_counts_add_up(tmp_path):
+    rows = sample_rows(100) + [
+        {"item_id": "", "title": "no id"},
+        {"item_id": "ghost", "title": "x", "image": "images/ghost.jpg"},
+        {"item_id": "pic-only", "image": "images/" + sample_rows(1)[0]["item_id"] + ".jpg"},
+    ]
+    catalog = write_catalog(tmp_path / "cat", rows)
+    config = small_config(str(tmp_path / "store"), str(catalog))
+    result = run_flow(config)
+    counts = result["counts"]
+    # "pic-only" passes ingest (it has an image) but the text embedder has nothing to read.
+    assert counts == {"input": 103, "assigned": 100, "quarantined": 2, "failed": 1}
+    assert counts["input"] == counts["assigned"] + counts["quarantined"] + counts["failed"]
+    store = ArtifactStore(config.store)
+    quarantine = store.read_parquet(result["files"]["quarantine"]["path"]).to_pylist()
+    assert {q["reason"].split(":")[0] for q in quarantine} == {"empty item_id", "image not found"}
+    errors = store.read_parquet(result["files"]["errors"]["path"]).to_pylist()
+    assert [(e["item_id"], e["stage"]) for e in errors] == [("pic-only", "embed")]
+
+
+def test_unreadable_catalog_fails_the_run_and_publishes_nothing(tmp_path):
+    catalog = tmp_path / "items.csv"
+    catalog.write_text("sku,title\n1,a\n")
+    config = small_config(str(tmp_path / "store"), str(catalog))
+    from sidpipe.tasks.ingest import CatalogError
+
+    with pytest.raises(CatalogError, match="no 'item_id' column"):
+        run_flow(config)
+    store = ArtifactStore(config.store)
+    assert published_runs(store) == []
+    [record] = run_records(store)
+    assert record.status == "failed" and "item_id" in record.error
+
+
+def test_too_small_catalog_is_refused_with_a_clear_message(tmp_path, small_catalog):
+    config = small_config(
+        str(tmp_path / "store"),
+        str(small_catalog),
+        codebook_sizes=[4096, 2048, 1024],
+        min_points_per_code=39,
+        small_catalog="refuse",
+    )
+    from sidpipe.models.rqvae import CatalogTooSmallError
+
+    with pytest.raises(CatalogTooSmallError, match="120 items cannot fill codebooks"):
+        run_flow(config)
+    assert published_runs(ArtifactStore(config.store)) == []
+
+
+def test_end_to_end_on_s3(s3, small_catalog):
+    store_uri = f"{s3}/artifacts"
+    config = small_config(store_uri, str(small_catalog))
+    result = run_flow(config)
+    assert result["counts"]["assigned"] == 120
+    import s3fs
+
+    fs = s3fs.S3FileSystem()
+    key = f"{s3}/artifacts/sids/test-catalog/{DAY}/sids.parquet".removeprefix("s3://")
+    assert pq.read_table(key, filesystem=fs).num_rows == 120
+    assert fs.exists(key.replace("sids.parquet", "_MANIFEST.json"))
+    second = run_flow(config)
+    assert all(second["stages"][s]["computed"] == 0 for s in COSTLY)
+
+    output = CliRunner().invoke(app, ["inspect", "--store", store_uri])
+    assert output.exit_code == 0, output.output
+    assert "test-catalog" in output.output and "published" in output.output
+
+
+def test_cli_run_then_inspect_shows_both_runs(tmp_path, small_catalog, monkeypatch):
+    store = str(tmp_path / "store")
+    yaml_path = tmp_path / "sidpipe.yaml"
+    yaml_path.write_text(
+        "tokenizer:\n  codebook_sizes: [8, 8, 8]\n  min_points_per_code: 4\n  epochs: 3\n"
+        "  hidden_dims: [64]\n  latent_dim: 16\n"
+    )
+    runner = CliRunner()
+    args = [
+        "run",
+        "--config",
+        str(yaml_path),
+        "--store",
+        store,
+        "--catalog",
+        str(small_catalog),
+        "--catalog-name",
+        "cli-cat",
+        "--run-date",
+        "2026-11-21",
+    ]
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert "120 in = 120 assigned + 0 quarantined + 0 failed" in first.output
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0, second.output
+    assert "nothing costly recomputed" in second.output
+
+    listing = runner.invoke(app, ["inspect", "--store", store])
+    assert listing.exit_code == 0
+    assert listing.output.count("published") >= 3  # the title plus both runs in the run log
+    shown = runner.invoke(app, ["inspect", "cli-cat/2026-11-21", "--store", store])
+    assert shown.exit_code == 0
+    assert "<a_" in shown.output and "SID quality" in shown.output
+    raw = runner.invoke(app, ["inspect", "cli-cat", "--store", store, "--json"])
+    assert '"run_date": "2026-11-21"' in raw.output
+
+    missing = runner.invoke(app, ["inspect", "cli-cat/2026-01-01", "--store", store])
+    assert missing.exit_code == 2 and "not published" in missing.output
+
+
+def test_cli_reports_a_bad_catalog_without_a_traceback(tmp_path):
+    catalog = tmp_path / "items.tsv"
+    catalog.write_text("item_id\ta\n")
+    result = CliRunner().invoke(
+        app, ["run", "--store", str(tmp_path / "s"), "--catalog", str(catalog)]
+    )
+    assert result.exit_code == 2
+    assert "unknown catalog format" in result.output and "Traceback" not in result.output
