@@ -9,6 +9,7 @@ item, so a re-run with unchanged inputs recomputes nothing costly.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from datetime import date
 
@@ -20,7 +21,7 @@ from sidpipe.storage.manifest import RunRecord, utcnow, write_run_record
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.assign import assign_task
 from sidpipe.tasks.embed import embed_task
-from sidpipe.tasks.enrich import caption_task, interests_task
+from sidpipe.tasks.enrich import caption_task, check_endpoints, interests_task
 from sidpipe.tasks.fit import fit_task
 from sidpipe.tasks.ingest import ingest_task
 from sidpipe.tasks.publish import publish_task
@@ -48,6 +49,11 @@ def nightly_tokenization(
 ) -> dict:
     """Tokenize a catalog into Semantic IDs and publish them under <store>/sids/<catalog>/<date>/."""
     logger = get_run_logger()
+    # Stage cores log through the `sidpipe` logger (Prefect forwards it: PREFECT_LOGGING_EXTRA_
+    # LOGGERS); make their INFO lines visible unless the user chose a level.
+    if logging.getLogger("sidpipe").level == logging.NOTSET:
+        logging.getLogger("sidpipe").setLevel(logging.INFO)
+    check_endpoints(config)
     run = RunInfo(
         run_id=_run_id(),
         run_date=_logical_date(run_date),

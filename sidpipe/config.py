@@ -13,6 +13,7 @@ This module must never import Prefect, torch or any model code: everything impor
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
@@ -151,8 +152,10 @@ class PipelineConfig(BaseSettings):
         return tuple(sources)
 
 
-# Set only for the duration of `load_config`; pydantic-settings reads sources at construction.
+# Set only for the duration of `load_config` (under the lock); pydantic-settings reads its
+# sources at construction time.
 _yaml_path: Path | None = None
+_yaml_lock = threading.Lock()
 
 
 class ConfigError(ValueError):
@@ -166,11 +169,12 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineCon
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
-    _yaml_path = path
-    try:
-        return PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
-    except ValueError as exc:  # pydantic ValidationError is a ValueError
-        where = f" in {path}" if path else ""
-        raise ConfigError(f"invalid sidpipe config{where}:\n{exc}") from exc
-    finally:
-        _yaml_path = None
+    with _yaml_lock:
+        _yaml_path = path
+        try:
+            return PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
+        except ValueError as exc:  # pydantic ValidationError is a ValueError
+            where = f" in {path}" if path else ""
+            raise ConfigError(f"invalid sidpipe config{where}:\n{exc}") from exc
+        finally:
+            _yaml_path = None

@@ -17,7 +17,6 @@ import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.cache_policies import NO_CACHE
 
 from sidpipe.config import PipelineConfig
 from sidpipe.models.sids import (
@@ -31,7 +30,7 @@ from sidpipe.storage.manifest import StageStats, latest_published, staging_dir
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.embed import load_embeddings
 from sidpipe.tasks.fit import FitOutcome, load_tokenizer
-from sidpipe.tasks.stage import RunInfo, StageOutcome, read_items
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, read_items
 
 SIDS_FILE = "sids.parquet"
 QUALITY_FILE = "quality.json"
@@ -153,7 +152,7 @@ def assign_stage(
     )
 
 
-@task(name="assign", retries=1, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="assign", **TASK_OPTIONS)
 def assign_task(
     config: PipelineConfig, run: RunInfo, embed: StageOutcome, fit: FitOutcome
 ) -> AssignOutcome:

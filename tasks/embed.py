@@ -15,7 +15,6 @@ import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
-from prefect.cache_policies import NO_CACHE
 
 from sidpipe.config import EmbedConfig, PipelineConfig
 from sidpipe.models.embedders import Embedder, EmbedInput, SentenceTransformerEmbedder
@@ -23,8 +22,10 @@ from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.enrich import EndpointNotSupportedError, unsupported_endpoint_message
 from sidpipe.tasks.ingest import IngestOutcome
 from sidpipe.tasks.stage import (
+    TASK_OPTIONS,
     RunInfo,
     StageOutcome,
     failed_items,
@@ -60,11 +61,9 @@ def item_text(
 
 
 def make_embedder(config: EmbedConfig) -> Embedder:
+    """The embedding backend for a config; no URL means the CPU text embedder."""
     if config.url:
-        raise NotImplementedError(
-            f"embed: an endpoint is configured ({config.url}) but this sidpipe version has no "
-            "GME client yet; unset SIDPIPE_EMBED_URL to use the CPU text embedder"
-        )
+        raise EndpointNotSupportedError(unsupported_endpoint_message("embed", config.url))
     return SentenceTransformerEmbedder(batch_size=config.batch_size)
 
 
@@ -189,7 +188,7 @@ def load_embeddings(
     return ids, hashes, matrix[[row[h] for h in hashes]]
 
 
-@task(name="embed", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="embed", **TASK_OPTIONS)
 def embed_task(
     config: PipelineConfig,
     run: RunInfo,

@@ -12,13 +12,12 @@ import logging
 import time
 
 import pyarrow as pa
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import task
 
 from sidpipe.config import ModelEndpointConfig, PipelineConfig
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.stage import RunInfo, StageOutcome, read_items
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, read_items
 
 log = logging.getLogger(__name__)
 
@@ -44,29 +43,42 @@ def enrichment_stage(stage: str, endpoint: ModelEndpointConfig, items: pa.Table)
             stats=StageStats(skipped=items.num_rows, seconds=time.perf_counter() - started),
             model={"name": None, "skipped": True},
         )
-    # The HTTP client for vLLM servers (retries, bounded in-flight requests, structured output)
-    # is tracked as issue #3; fail loudly rather than pretend to enrich.
-    raise EndpointNotSupportedError(
-        f"{stage}: an endpoint is configured ({endpoint.url}) but this sidpipe version has no "
-        f"{stage} client yet; unset SIDPIPE_{stage.upper()}_URL to run without {stage}"
+    raise EndpointNotSupportedError(unsupported_endpoint_message(stage, endpoint.url))
+
+
+def unsupported_endpoint_message(stage: str, url: str) -> str:
+    # The HTTP clients for vLLM servers (bounded in-flight requests, retries, structured output)
+    # are issue #3; until then a configured URL fails loudly instead of being ignored.
+    return (
+        f"{stage}: an endpoint is configured ({url}) but this sidpipe version has no "
+        f"{stage} client yet; unset SIDPIPE_{stage.upper()}_URL to run without it"
     )
 
 
-@task(name="caption", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+def check_endpoints(config: PipelineConfig) -> None:
+    """Fail before any work if a model server is configured that this version cannot call."""
+    problems = [
+        unsupported_endpoint_message(stage, endpoint.url)
+        for stage, endpoint in (
+            ("caption", config.caption),
+            ("interests", config.interests),
+            ("embed", config.embed),
+        )
+        if endpoint.url
+    ]
+    if problems:
+        raise EndpointNotSupportedError("\n".join(problems))
+
+
+@task(name="caption", **TASK_OPTIONS)
 def caption_task(config: PipelineConfig, run: RunInfo, ingest: StageOutcome) -> StageOutcome:
     items = read_items(ArtifactStore(config.store), run)
-    outcome = enrichment_stage("caption", config.caption, items)
-    if outcome.skipped:
-        get_run_logger().info("caption: skipped (%s)", ENABLE_HINT["caption"])
-    return outcome
+    return enrichment_stage("caption", config.caption, items)
 
 
-@task(name="interests", retries=2, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="interests", **TASK_OPTIONS)
 def interests_task(
     config: PipelineConfig, run: RunInfo, ingest: StageOutcome, caption: StageOutcome
 ) -> StageOutcome:
     items = read_items(ArtifactStore(config.store), run)
-    outcome = enrichment_stage("interests", config.interests, items)
-    if outcome.skipped:
-        get_run_logger().info("interests: skipped (%s)", ENABLE_HINT["interests"])
-    return outcome
+    return enrichment_stage("interests", config.interests, items)

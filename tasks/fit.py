@@ -13,7 +13,6 @@ import logging
 import time
 
 from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
 from sidpipe.models.rqvae import (
@@ -30,7 +29,7 @@ from sidpipe.storage.hashing import hash_strings, stable_hash
 from sidpipe.storage.manifest import StageStats, utcnow
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.embed import load_embeddings
-from sidpipe.tasks.stage import RunInfo, StageOutcome
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -144,7 +143,7 @@ def load_tokenizer(store: ArtifactStore, tokenizer_id: str) -> tuple[RQVAE, dict
     return load_rqvae(store.read_bytes(*where, "model.safetensors"), config["model"]), config
 
 
-@task(name="fit", retries=1, retry_delay_seconds=10, cache_policy=NO_CACHE)
+@task(name="fit", **TASK_OPTIONS)
 def fit_task(config: PipelineConfig, run: RunInfo, embed: StageOutcome) -> FitOutcome:
     logger = get_run_logger()
 
@@ -158,10 +157,4 @@ def fit_task(config: PipelineConfig, run: RunInfo, embed: StageOutcome) -> FitOu
                 losses.get("reconstruction", 0.0),
             )
 
-    outcome = fit_stage(ArtifactStore(config.store), run, embed, config.tokenizer, progress)
-    logger.info(
-        "fit: tokenizer %s (%s)",
-        outcome.tokenizer_id,
-        "reused" if outcome.stats.cached else "trained",
-    )
-    return outcome
+    return fit_stage(ArtifactStore(config.store), run, embed, config.tokenizer, progress)

@@ -26,14 +26,13 @@ from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-from prefect import get_run_logger, task
-from prefect.cache_policies import NO_CACHE
+from prefect import task
 
 from sidpipe.config import CatalogConfig, PipelineConfig
 from sidpipe.storage.hashing import hash_strings, sha256_bytes, stable_hash
 from sidpipe.storage.manifest import StageStats, staging_dir
 from sidpipe.storage.store import ArtifactStore, open_filesystem
-from sidpipe.tasks.stage import RunInfo, StageOutcome
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome
 
 log = logging.getLogger(__name__)
 
@@ -467,13 +466,6 @@ def ingest_stage(store: ArtifactStore, run: RunInfo, config: CatalogConfig) -> I
     )
 
 
-@task(name="ingest", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="ingest", **TASK_OPTIONS)
 def ingest_task(config: PipelineConfig, run: RunInfo) -> IngestOutcome:
-    outcome = ingest_stage(ArtifactStore(config.store), run, config.catalog)
-    get_run_logger().info(
-        "ingest: %d rows -> %d items, %d quarantined",
-        outcome.input_rows,
-        outcome.stats.computed,
-        outcome.quarantined,
-    )
-    return outcome
+    return ingest_stage(ArtifactStore(config.store), run, config.catalog)

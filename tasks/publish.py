@@ -11,7 +11,6 @@ from pathlib import Path
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_link_artifact, create_table_artifact
-from prefect.cache_policies import NO_CACHE
 
 import sidpipe
 from sidpipe.config import PipelineConfig
@@ -28,7 +27,7 @@ from sidpipe.storage.store import ArtifactStore, concat_tables
 from sidpipe.tasks.assign import QUALITY_FILE, SIDS_FILE, TOKENS_FILE, AssignOutcome
 from sidpipe.tasks.fit import FitOutcome
 from sidpipe.tasks.ingest import ITEMS_FILE, QUARANTINE_FILE, IngestOutcome
-from sidpipe.tasks.stage import ERRORS_SCHEMA, RunInfo, StageOutcome
+from sidpipe.tasks.stage import ERRORS_SCHEMA, TASK_OPTIONS, RunInfo, StageOutcome
 
 ERRORS_FILE = "errors.parquet"
 
@@ -118,7 +117,7 @@ def publish_stage(
     )
 
 
-@task(name="publish", retries=2, retry_delay_seconds=5, cache_policy=NO_CACHE)
+@task(name="publish", **TASK_OPTIONS)
 def publish_task(
     config: PipelineConfig,
     run: RunInfo,

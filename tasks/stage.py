@@ -12,11 +12,36 @@ from __future__ import annotations
 from datetime import date, datetime
 
 import pyarrow as pa
+from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from sidpipe.storage.cache import StageCache
 from sidpipe.storage.manifest import StageStats, staging_dir
-from sidpipe.storage.store import ArtifactStore
+from sidpipe.storage.store import ArtifactStore, StoreError
+
+# Errors worth retrying a whole stage for: storage and network trouble. A bad catalog or a bug
+# fails at once instead of three times.
+PERMANENT_OS_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def retry_if_transient(task, task_run, state) -> bool:
+    """Prefect `retry_condition_fn`: retry only storage, connection and timeout errors."""
+    exc = state.data if isinstance(state.data, BaseException) else None
+    if exc is None:
+        exc = state.result(raise_on_failure=False)
+    if isinstance(exc, PERMANENT_OS_ERRORS):
+        return False
+    return isinstance(exc, (StoreError, ConnectionError, TimeoutError, OSError))
+
+
+# Every stage task: retried on transient errors only; caching is per item in the store, so
+# Prefect's own result cache is off (task inputs are small and results are not persisted).
+TASK_OPTIONS = {
+    "retries": 2,
+    "retry_delay_seconds": [5, 30],
+    "retry_condition_fn": retry_if_transient,
+    "cache_policy": NO_CACHE,
+}
 
 ERRORS_SCHEMA = pa.schema(
     [("item_id", pa.string()), ("stage", pa.string()), ("error", pa.string())]

@@ -189,3 +189,15 @@ def test_cli_reports_a_bad_catalog_without_a_traceback(tmp_path):
     )
     assert result.exit_code == 2
     assert "unknown catalog format" in result.output and "Traceback" not in result.output
+
+
+def test_a_configured_model_server_this_version_cannot_call_fails_before_any_work(
+    tmp_path, small_catalog, monkeypatch
+):
+    monkeypatch.setenv("SIDPIPE_CAPTION_URL", "http://gpu-host:8000/v1")
+    result = CliRunner().invoke(
+        app, ["run", "--store", str(tmp_path / "s"), "--catalog", str(small_catalog)]
+    )
+    assert result.exit_code == 2
+    assert "caption: an endpoint is configured (http://gpu-host:8000/v1)" in result.output
+    assert not (tmp_path / "s").exists()  # nothing was started
