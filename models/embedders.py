@@ -1,9 +1,10 @@
 """Item embedders behind one interface, so the embed stage never knows which one runs.
 
 `Embedder.embed(inputs)` takes the item's text (and image, for multimodal backends) and returns
-L2-normalized float32 vectors. `input_key(input)` says exactly what the backend reads, so the
-stage cache is keyed on what changes the result and nothing else (a text-only embedder ignores
-the image). Backends never download weights at run time.
+L2-normalized float32 vectors plus per-input errors (a failed input keeps a zero row and is
+listed, so one bad image never fails a batch). `input_key(input)` says exactly what the backend
+reads, so the stage cache is keyed on what changes the result and nothing else (a text-only
+embedder ignores the image). Backends never download weights at run time.
 """
 
 from __future__ import annotations
@@ -26,12 +27,13 @@ log = logging.getLogger(__name__)
 class EmbedInput:
     text: str
     image: str | None = None  # URI of the item image, for multimodal backends
+    image_fingerprint: str | None = None  # content identity of the image (cache key)
 
 
 class Embedder(Protocol):
     name: str
     revision: str
-    dim: int
+    dim: int | None  # None until known (a server's model reports it with the first vector)
 
     def input_key(self, item: EmbedInput) -> dict:
         """The part of an input that determines the embedding (hashed for the cache)."""
@@ -39,8 +41,8 @@ class Embedder(Protocol):
 
     def embed(
         self, inputs: Sequence[EmbedInput], progress: Callable[[int], None] | None = None
-    ) -> np.ndarray:
-        """float32 array [len(inputs), dim], rows L2-normalized."""
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        """float32 [len(inputs), dim] with L2-normalized rows, and {input index: error}."""
         ...
 
 
@@ -79,7 +81,7 @@ class SentenceTransformerEmbedder:
 
     def embed(
         self, inputs: Sequence[EmbedInput], progress: Callable[[int], None] | None = None
-    ) -> np.ndarray:
+    ) -> tuple[np.ndarray, dict[int, str]]:
         out = np.zeros((len(inputs), self.dim), dtype=np.float32)
         # Chunks of a few batches: progress can be reported without slowing the encoder.
         chunk = self.batch_size * 4
@@ -95,4 +97,110 @@ class SentenceTransformerEmbedder:
             out[start : start + len(texts)] = vectors
             if progress is not None:
                 progress(len(texts))
-        return out
+        return out, {}
+
+
+GME_DEFAULT_MODEL = "Alibaba-NLP/gme-Qwen2-VL-2B-Instruct"
+
+
+class GMEServerEmbedder:
+    """GME (gme-Qwen2-VL) served by vLLM's pooling runner, through /v1/embeddings.
+
+    Each request is a chat-style `messages` body: GME's system instruction, then the item image
+    and its enriched text in one user turn. The server must run with
+    `serving/gme_chat_template.jinja`, which renders exactly GME's own prompt
+    (`...<|vision_start|><|image_pad|><|vision_end|>{text}<|im_end|>...<|endoftext|>`), so vLLM's
+    last-token pooling matches GME's reference embeddings. Vectors are L2-normalized here.
+    """
+
+    def __init__(
+        self,
+        settings,
+        instruction: str,
+        revision: str,
+        max_pixels: int,
+        max_image_bytes: int,
+        allow_http_images: bool,
+    ) -> None:
+        self.settings = settings
+        self.name = settings.model
+        self.revision = revision
+        self.instruction = instruction
+        self.max_pixels = max_pixels
+        self.max_image_bytes = max_image_bytes
+        self.allow_http_images = allow_http_images
+        self.dim: int | None = None
+        self.usage = None
+
+    def input_key(self, item: EmbedInput) -> dict:
+        return {"text": item.text, "image": item.image_fingerprint, "instruction": self.instruction}
+
+    def messages(self, text: str, image_url: str | None) -> list[dict]:
+        content: list[dict] = []
+        if image_url is not None:
+            content.append({"type": "image_url", "image_url": {"url": image_url}})
+        content.append({"type": "text", "text": text})
+        return [
+            {"role": "system", "content": self.instruction},
+            {"role": "user", "content": content},
+        ]
+
+    def embed(
+        self, inputs: Sequence[EmbedInput], progress: Callable[[int], None] | None = None
+    ) -> tuple[np.ndarray, dict[int, str]]:
+        import asyncio
+
+        return asyncio.run(self._embed_all(list(inputs), progress))
+
+    async def _embed_all(self, inputs, progress):
+        import asyncio
+
+        from sidpipe.models.images import image_url_for
+        from sidpipe.models.openai_client import OpenAICompatClient, map_bounded
+
+        async with OpenAICompatClient(self.settings) as client:
+            await client.health_check()
+
+            async def one(item: EmbedInput) -> np.ndarray:
+                image_url = None
+                if item.image is not None:
+                    image_url = await asyncio.to_thread(
+                        image_url_for,
+                        item.image,
+                        "data_url",
+                        self.max_image_bytes,
+                        self.max_pixels,
+                        self.allow_http_images,
+                    )
+                vector = np.asarray(
+                    await client.embed(
+                        {
+                            "messages": self.messages(item.text, image_url),
+                            "encoding_format": "float",
+                        }
+                    ),
+                    dtype=np.float32,
+                )
+                norm = float(np.linalg.norm(vector))
+                if not np.isfinite(norm) or norm == 0.0:
+                    raise ValueError("server returned a zero or non-finite embedding")
+                if progress is not None:
+                    progress(1)
+                return vector / norm
+
+            results = await map_bounded(
+                inputs, one, self.settings.max_in_flight * len(self.settings.urls)
+            )
+            self.usage = client.usage
+        dims = {r.shape[0] for r in results if isinstance(r, np.ndarray)}
+        if len(dims) > 1:
+            raise ValueError(f"{self.name} returned embeddings of different sizes: {sorted(dims)}")
+        self.dim = dims.pop() if dims else self.dim
+        out = np.zeros((len(inputs), self.dim or 0), dtype=np.float32)
+        errors: dict[int, str] = {}
+        for i, r in enumerate(results):
+            if isinstance(r, np.ndarray):
+                out[i] = r
+            else:
+                errors[i] = f"{type(r).__name__}: {r}"
+        return out, errors

@@ -103,14 +103,14 @@ def run(
         raise _fail(str(exc)) from None
 
     from sidpipe.flows.nightly import nightly_tokenization
+    from sidpipe.models.openai_client import EndpointUnavailableError
     from sidpipe.models.rqvae import CatalogTooSmallError
-    from sidpipe.tasks.enrich import EndpointNotSupportedError
     from sidpipe.tasks.ingest import CatalogError
 
     started = time.perf_counter()
     try:
         manifest = nightly_tokenization(cfg, run_date=day)
-    except (CatalogError, CatalogTooSmallError, EndpointNotSupportedError) as exc:
+    except (CatalogError, CatalogTooSmallError, EndpointUnavailableError, ConfigError) as exc:
         # Problems of the input or the settings: one clear message, no traceback.
         raise _fail(str(exc)) from None
     _print_run_summary(manifest, time.perf_counter() - started)

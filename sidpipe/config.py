@@ -17,7 +17,7 @@ import threading
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -59,28 +59,69 @@ class CatalogConfig(_Section):
 class ModelEndpointConfig(_Section):
     """An OpenAI-compatible model server (vLLM). No URL: the stage is skipped."""
 
-    url: str | None = Field(default=None, description="Base URL, e.g. http://gpu-host:8000/v1.")
-    model: str = ""
-    revision: str = "main"
-    prompt_version: str = "v1"
+    url: str | None = Field(
+        default=None,
+        description="Base URL, e.g. http://gpu-host:8000/v1; several replicas comma-separated.",
+    )
+    model: str = Field(default="", description="Served model name the server must report.")
+    revision: str = Field(default="main", description="Model revision (part of the cache key).")
+    prompt_version: str = Field(default="v1", description="Built-in prompt version (cache key).")
+    api_key: SecretStr | None = None
+    max_in_flight: int = Field(default=64, ge=1, description="Requests in flight per replica.")
+    timeout_seconds: float = Field(default=120.0, gt=0, description="Per request.")
+    max_retries: int = Field(default=4, ge=0, description="Retries of 429/5xx/timeouts.")
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=256, ge=1)
+
+    @property
+    def urls(self) -> list[str]:
+        return [u.strip().rstrip("/") for u in (self.url or "").split(",") if u.strip()]
 
 
 class CaptionConfig(ModelEndpointConfig):
+    """CMSA: a VLM writes a concise, attribute-rich description of each item image."""
+
     model: str = "Qwen/Qwen2.5-VL-7B-Instruct"
+    max_pixels: int = Field(
+        default=1003520, ge=784, description="Pixel budget per image (28x28 px = 1 visual token)."
+    )
+    max_image_bytes: int = Field(default=20_000_000, ge=1, description="Larger images fail.")
+    image_transport: Literal["data_url", "file_url"] = Field(
+        default="data_url",
+        description="data_url: base64 in the request; file_url: file:// paths for servers "
+        "started with --allowed-local-media-path that see the same files.",
+    )
 
 
 class InterestsConfig(ModelEndpointConfig):
+    """MDIM: an LLM reasons step by step and returns 2-4 deep-interest tags as JSON."""
+
     model: str = "Qwen/Qwen2.5-7B-Instruct"
+    max_tokens: int = 768
+    structured_output: Literal["response_format", "structured_outputs"] = Field(
+        default="response_format",
+        description="OpenAI-standard response_format json_schema, or vLLM's structured_outputs.",
+    )
 
 
 class EmbedConfig(ModelEndpointConfig):
     """Embedding stage. Without a URL the CPU text embedder shipped in a PyPI package is used."""
 
-    model: str = "all-MiniLM-L6-v2"
+    model: str = Field(
+        default="",
+        description="Served model with a URL (default Alibaba-NLP/gme-Qwen2-VL-2B-Instruct); "
+        "ignored without one (all-MiniLM-L6-v2).",
+    )
     batch_size: int = Field(default=128, ge=1)
     text_template_version: str = Field(
         default="v1", description="Bump when the way item text is assembled changes."
     )
+    instruction: str = Field(
+        default="You are a helpful assistant.",
+        description="GME system instruction (GME's default).",
+    )
+    max_pixels: int = Field(default=1003520, ge=784)
+    max_image_bytes: int = Field(default=20_000_000, ge=1)
 
 
 class TokenizerConfig(_Section):

@@ -14,21 +14,27 @@ from collections.abc import Callable
 import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from sidpipe.config import EmbedConfig, PipelineConfig
-from sidpipe.models.embedders import Embedder, EmbedInput, SentenceTransformerEmbedder
+from sidpipe.models.embedders import (
+    GME_DEFAULT_MODEL,
+    Embedder,
+    EmbedInput,
+    GMEServerEmbedder,
+    SentenceTransformerEmbedder,
+)
 from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.enrich import EndpointNotSupportedError, unsupported_endpoint_message
+from sidpipe.tasks.enrich import endpoint_settings
 from sidpipe.tasks.ingest import IngestOutcome
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
     RunInfo,
     StageOutcome,
     failed_items,
+    progress_artifact,
     read_index,
     read_items,
     stage_values,
@@ -60,11 +66,18 @@ def item_text(
     return ". ".join(p for p in parts if p)
 
 
-def make_embedder(config: EmbedConfig) -> Embedder:
-    """The embedding backend for a config; no URL means the CPU text embedder."""
-    if config.url:
-        raise EndpointNotSupportedError(unsupported_endpoint_message("embed", config.url))
-    return SentenceTransformerEmbedder(batch_size=config.batch_size)
+def make_embedder(config: EmbedConfig, allow_http_images: bool = False) -> Embedder:
+    """The embedding backend for a config: GME over vLLM with a URL, else the CPU embedder."""
+    if not config.urls:
+        return SentenceTransformerEmbedder(batch_size=config.batch_size)
+    return GMEServerEmbedder(
+        endpoint_settings(config, default_model=GME_DEFAULT_MODEL),
+        instruction=config.instruction,
+        revision=config.revision,
+        max_pixels=config.max_pixels,
+        max_image_bytes=config.max_image_bytes,
+        allow_http_images=allow_http_images,
+    )
 
 
 def embed_stage(
@@ -82,10 +95,11 @@ def embed_stage(
     """Embed every item not in `exclude` (items that failed upstream), using the cache."""
     started = time.perf_counter()
     captions, interests, exclude = captions or {}, interests or {}, exclude or set()
+    # The model and revision fix the dimension, so it is not part of the key (a server's model
+    # reports its dimension only with the first vector).
     params = {
         "embedder": embedder.name,
         "revision": embedder.revision,
-        "dim": embedder.dim,
         "text_template": f"{TEXT_TEMPLATE_VERSION}/{config.text_template_version}",
     }
     key = stage_key("embed", params)
@@ -99,9 +113,10 @@ def embed_stage(
         inp = EmbedInput(
             item_text(item, attributes, captions.get(item_id), interests.get(item_id)),
             item.get("image"),
+            item.get("image_fingerprint"),
         )
         key_fields = embedder.input_key(inp)
-        if not any(key_fields.values()):
+        if not (key_fields.get("text") or key_fields.get("image")):
             errors.append(
                 (
                     item_id,
@@ -130,31 +145,47 @@ def embed_stage(
     )
 
     done = 0
+    failed_hashes: dict[str, str] = {}
     todo_items = list(todo.items())
     for start in range(0, len(todo_items), CHUNK_ITEMS):
         chunk = todo_items[start : start + CHUNK_ITEMS]
-        vectors = embedder.embed([inp for _, inp in chunk])
-        cache.put(
-            pa.table(
-                {
-                    "input_hash": pa.array([h for h, _ in chunk], pa.string()),
-                    "embedding": pa.FixedSizeListArray.from_arrays(
-                        pa.array(vectors.reshape(-1), pa.float32()), embedder.dim
-                    ),
-                }
+        vectors, chunk_errors = embedder.embed([inp for _, inp in chunk])
+        for i, message in chunk_errors.items():
+            failed_hashes[chunk[i][0]] = message
+        ok = [i for i in range(len(chunk)) if i not in chunk_errors]
+        if ok:
+            cache.put(
+                pa.table(
+                    {
+                        "input_hash": pa.array([chunk[i][0] for i in ok], pa.string()),
+                        "embedding": pa.FixedSizeListArray.from_arrays(
+                            pa.array(vectors[ok].reshape(-1), pa.float32()), vectors.shape[1]
+                        ),
+                    }
+                )
             )
-        )
         done += len(chunk)
         if progress is not None:
             progress(done, len(todo_items))
 
+    # Items whose request failed for good: per-item errors; they are retried next run.
+    kept = [(i, h) for i, h in zip(ids, hashes, strict=True) if h not in failed_hashes]
+    errors += [
+        (i, f"embed: {failed_hashes[h]}")
+        for i, h in zip(ids, hashes, strict=True)
+        if h in failed_hashes
+    ]
+    n_failed_compute = len(ids) - len(kept)
+    dim = embedder.dim
+    if dim is None and cached is not None:
+        dim = cached.schema.field("embedding").type.list_size
     return StageOutcome(
         stage="embed",
         key=key,
-        index=write_index(store, run, "embed", ids, hashes),
+        index=write_index(store, run, "embed", [i for i, _ in kept], [h for _, h in kept]),
         errors=write_errors(store, run, "embed", errors),
         stats=StageStats(
-            computed=n_computed,
+            computed=n_computed - n_failed_compute,
             cached=len(ids) - n_computed,
             failed=len(errors),
             seconds=time.perf_counter() - started,
@@ -162,7 +193,7 @@ def embed_stage(
         model={
             "name": embedder.name,
             "revision": embedder.revision,
-            "dim": embedder.dim,
+            "dim": dim,
             "text_template": params["text_template"],
         },
     )
@@ -198,11 +229,6 @@ def embed_task(
 ) -> StageOutcome:
     store = ArtifactStore(config.store)
     items = read_items(store, run)
-    artifact = create_progress_artifact(0.0, description="embed: items embedded")
-
-    def progress(done: int, total: int) -> None:
-        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
-
     outcome = embed_stage(
         store,
         run,
@@ -215,9 +241,8 @@ def embed_task(
         if not interests.skipped
         else None,
         exclude=failed_items(store, run, [caption, interests]),
-        progress=progress,
+        progress=progress_artifact("embed"),
     )
-    update_progress_artifact(artifact, 100.0)
     s = outcome.stats
     get_run_logger().info(
         "embed: %d computed, %d cached, %d failed in %.1fs",

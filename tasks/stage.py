@@ -9,6 +9,7 @@ cache, so a stage's output is never copied per run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import date, datetime
 
 import pyarrow as pa
@@ -139,3 +140,15 @@ def failed_items(store: ArtifactStore, run: RunInfo, outcomes: list[StageOutcome
             )
             failed.update(table["item_id"].to_pylist())
     return failed
+
+
+def progress_artifact(stage: str) -> Callable[[int, int], None]:
+    """A Prefect progress artifact for a long stage; returns the callback that updates it."""
+    from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+    artifact = create_progress_artifact(0.0, description=f"{stage}: share of items done")
+
+    def update(done: int, total: int) -> None:
+        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
+
+    return update

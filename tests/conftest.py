@@ -165,7 +165,7 @@ class HashEmbedder:
             v = np.random.default_rng(seed).standard_normal(self.dim)
             out[i] = v / np.linalg.norm(v)
         self.embedded += len(inputs)
-        return out
+        return out, {}
 
 
 @pytest.fixture

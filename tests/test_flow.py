@@ -191,13 +191,69 @@ def test_cli_reports_a_bad_catalog_without_a_traceback(tmp_path):
     assert "unknown catalog format" in result.output and "Traceback" not in result.output
 
 
-def test_a_configured_model_server_this_version_cannot_call_fails_before_any_work(
+def test_a_dead_model_server_fails_the_run_fast_with_the_reason(
     tmp_path, small_catalog, monkeypatch
 ):
-    monkeypatch.setenv("SIDPIPE_CAPTION_URL", "http://gpu-host:8000/v1")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    monkeypatch.setenv("SIDPIPE_CAPTION_URL", dead)
     result = CliRunner().invoke(
         app, ["run", "--store", str(tmp_path / "s"), "--catalog", str(small_catalog)]
     )
-    assert result.exit_code == 2
-    assert "caption: an endpoint is configured (http://gpu-host:8000/v1)" in result.output
-    assert not (tmp_path / "s").exists()  # nothing was started
+    assert result.exit_code == 2, result.output
+    assert f"{dead}: unreachable" in result.output and "Traceback" not in result.output
+
+
+def test_full_enrichment_against_a_flaky_server_accounts_for_every_item(tmp_path, monkeypatch):
+    from vllm_double import VLLMDouble
+
+    from sidpipe.models.openai_client import EndpointSettings
+    from sidpipe.models.prompts import INTEREST_PROMPTS
+
+    monkeypatch.setattr(EndpointSettings, "backoff_base_seconds", 0.001)
+    rows = sample_rows(100)
+    for i in (3, 40):
+        rows[i] = dict(rows[i], title="ALWAYS-500 " + rows[i]["title"])
+    catalog = write_catalog(tmp_path / "cat", rows)
+    with (
+        VLLMDouble("Qwen/Qwen2.5-VL-7B-Instruct", fail_first_attempts=1) as vlm,
+        VLLMDouble("Qwen/Qwen2.5-7B-Instruct", fail_first_attempts=1) as llm,
+    ):
+        config = small_config(str(tmp_path / "store"), str(catalog))
+        config = config.model_copy(
+            update={
+                "caption": config.caption.model_copy(update={"url": vlm.url, "max_retries": 3}),
+                "interests": config.interests.model_copy(update={"url": llm.url, "max_retries": 3}),
+            }
+        )
+        first = run_flow(config)
+        counts, stages = first["counts"], first["stages"]
+        assert counts == {"input": 100, "assigned": 98, "quarantined": 0, "failed": 2}
+        assert stages["caption"]["computed"] == 98 and stages["caption"]["failed"] == 2
+        assert stages["interests"]["computed"] == 98 and stages["embed"]["computed"] == 98
+        assert first["models"]["caption"]["usage"]["retries"] >= 98
+        store = ArtifactStore(config.store)
+        errors = store.read_parquet(first["files"]["errors"]["path"]).to_pylist()
+        assert {e["stage"] for e in errors} == {"caption"} and len(errors) == 2
+
+        second = run_flow(config)
+        assert all(second["stages"][s]["computed"] == 0 for s in COSTLY)
+        assert second["stages"]["caption"]["cached"] == 98
+
+        # A new interests prompt: interests, embed and fit recompute; captions stay cached.
+        monkeypatch.setitem(
+            INTEREST_PROMPTS,
+            "v2-test",
+            {**INTEREST_PROMPTS["v1"], "system": "You study why shoppers buy. Answer in JSON."},
+        )
+        config = config.model_copy(
+            update={"interests": config.interests.model_copy(update={"prompt_version": "v2-test"})}
+        )
+        third = run_flow(config)
+        s = third["stages"]
+        assert (s["caption"]["computed"], s["caption"]["cached"]) == (0, 98)
+        assert s["interests"]["computed"] == 98
+        assert s["embed"]["computed"] == 98 and s["fit"]["computed"] == 98

@@ -1,0 +1,233 @@
+"""An async client for OpenAI-compatible model servers (vLLM), built for batch enrichment.
+
+What it does for every request:
+- keeps at most `max_in_flight` requests open per replica URL (enough to keep a vLLM batch
+  full, never enough to flood it), and sends each request to the least busy replica;
+- retries 429, 5xx, timeouts and connection errors with exponential backoff and full jitter
+  (honouring `Retry-After`), moving to another replica when there is one;
+- counts requests, retries, failures and tokens.
+A request that still fails after the last retry raises `RequestFailed`; callers record it as a
+per-item error and go on. `health_check()` fails fast, with the reason, when a server is down or
+serves another model.
+
+Knows HTTP and the OpenAI wire format, nothing about items, stages or storage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+class EndpointUnavailableError(RuntimeError):
+    """A model server cannot be used at all (down, wrong model): the stage must not start."""
+
+
+class RequestFailedError(RuntimeError):
+    """One request failed for good (after retries, or with a non-retryable error)."""
+
+
+@dataclass
+class EndpointSettings:
+    urls: list[str]  # OpenAI-compatible base URLs, e.g. http://gpu-1:8000/v1 (replicas)
+    model: str  # the served model name the server must report
+    max_in_flight: int = 64  # per replica
+    timeout_seconds: float = 120.0  # per request
+    max_retries: int = 4
+    backoff_base_seconds: float = 0.5
+    backoff_max_seconds: float = 30.0
+    api_key: str | None = None
+
+    @classmethod
+    def parse_urls(cls, value: str) -> list[str]:
+        """'http://a/v1, http://b/v1' -> two replicas (trailing slashes removed)."""
+        return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
+
+
+@dataclass
+class Usage:
+    requests: int = 0
+    retries: int = 0
+    failures: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    max_in_flight_seen: int = 0
+
+    def as_dict(self) -> dict[str, int]:
+        return dict(self.__dict__)
+
+
+@dataclass
+class _Replica:
+    url: str
+    slots: asyncio.Semaphore
+    in_flight: int = 0
+    served: int = 0
+
+
+@dataclass
+class OpenAICompatClient:
+    settings: EndpointSettings
+    usage: Usage = field(default_factory=Usage)
+
+    def __post_init__(self) -> None:
+        if not self.settings.urls:
+            raise ValueError("an endpoint needs at least one URL")
+        self._replicas = [
+            _Replica(url, asyncio.Semaphore(self.settings.max_in_flight))
+            for url in self.settings.urls
+        ]
+        headers = (
+            {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
+        )
+        limits = httpx.Limits(
+            max_connections=self.settings.max_in_flight * len(self._replicas),
+            max_keepalive_connections=self.settings.max_in_flight * len(self._replicas),
+        )
+        self._http = httpx.AsyncClient(
+            headers=headers, limits=limits, timeout=httpx.Timeout(self.settings.timeout_seconds)
+        )
+        self._rng = random.Random()
+
+    async def __aenter__(self) -> OpenAICompatClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._http.aclose()
+
+    # -- health ----------------------------------------------------------------------------------
+    async def health_check(self, timeout: float = 10.0) -> None:
+        """Every replica must answer GET /models and list the configured model."""
+        problems = []
+        for replica in self._replicas:
+            try:
+                response = await self._http.get(f"{replica.url}/models", timeout=timeout)
+                response.raise_for_status()
+                served = [m.get("id") for m in response.json().get("data", [])]
+            except (httpx.HTTPError, ValueError) as exc:
+                problems.append(
+                    f"{replica.url}: unreachable or not an OpenAI-compatible server "
+                    f"({type(exc).__name__}: {exc})"
+                )
+                continue
+            if self.settings.model not in served:
+                problems.append(f"{replica.url}: serves {served}, not {self.settings.model!r}")
+        if problems:
+            raise EndpointUnavailableError("; ".join(problems))
+
+    # -- requests --------------------------------------------------------------------------------
+    def _pick(self, avoid: _Replica | None) -> _Replica:
+        candidates = [r for r in self._replicas if r is not avoid] or self._replicas
+        least = min(r.in_flight for r in candidates)
+        return self._rng.choice([r for r in candidates if r.in_flight == least])
+
+    async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
+        """POST JSON to `path` on a replica; retried as described above."""
+        last_error = "no attempt"
+        avoid: _Replica | None = None
+        for attempt in range(self.settings.max_retries + 1):
+            replica = self._pick(avoid)
+            retry_after: float | None = None
+            async with replica.slots:
+                replica.in_flight += 1
+                self.usage.max_in_flight_seen = max(
+                    self.usage.max_in_flight_seen, replica.in_flight
+                )
+                self.usage.requests += 1
+                try:
+                    response = await self._http.post(f"{replica.url}{path}", json=body)
+                except (httpx.TimeoutException, httpx.TransportError) as exc:
+                    last_error = f"{type(exc).__name__} from {replica.url}"
+                    response = None
+                finally:
+                    replica.in_flight -= 1
+                    replica.served += 1
+            if response is not None:
+                if response.status_code < 300:
+                    try:
+                        payload = response.json()
+                    except ValueError:
+                        last_error = f"invalid JSON body from {replica.url}"
+                    else:
+                        self._count_tokens(payload)
+                        return payload
+                else:
+                    last_error = (
+                        f"HTTP {response.status_code} from {replica.url}: "
+                        + response.text[:200].replace("\n", " ")
+                    )
+                    if response.status_code not in RETRY_STATUS:
+                        self.usage.failures += 1
+                        raise RequestFailedError(last_error)
+                    retry_after = _retry_after(response)
+            if attempt == self.settings.max_retries:
+                break
+            self.usage.retries += 1
+            avoid = replica if len(self._replicas) > 1 else None
+            await asyncio.sleep(self._backoff(attempt, retry_after))
+        self.usage.failures += 1
+        raise RequestFailedError(f"{last_error} (after {self.settings.max_retries} retries)")
+
+    def _backoff(self, attempt: int, retry_after: float | None) -> float:
+        cap = min(
+            self.settings.backoff_max_seconds, self.settings.backoff_base_seconds * (2**attempt)
+        )
+        delay = self._rng.uniform(0, cap)  # full jitter: retries from many items spread out
+        return max(delay, retry_after or 0.0)
+
+    def _count_tokens(self, payload: dict[str, Any]) -> None:
+        usage = payload.get("usage") or {}
+        self.usage.prompt_tokens += int(usage.get("prompt_tokens") or 0)
+        self.usage.completion_tokens += int(usage.get("completion_tokens") or 0)
+
+    async def chat(self, messages: list[dict[str, Any]], **params: Any) -> tuple[str, str]:
+        """(content, finish_reason) of one chat completion."""
+        payload = await self.post(
+            "/chat/completions", {"model": self.settings.model, "messages": messages, **params}
+        )
+        try:
+            choice = payload["choices"][0]
+            return choice["message"]["content"] or "", choice.get("finish_reason") or ""
+        except (KeyError, IndexError, TypeError) as exc:
+            raise RequestFailedError(f"malformed chat completion: missing {exc}") from None
+
+    async def embed(self, body: dict[str, Any]) -> list[float]:
+        """One embedding from /embeddings (body without the model name)."""
+        payload = await self.post("/embeddings", {"model": self.settings.model, **body})
+        try:
+            return payload["data"][0]["embedding"]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise RequestFailedError(f"malformed embeddings response: missing {exc}") from None
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("retry-after")
+    if value is None:
+        return None
+    try:
+        return min(float(value), 60.0)
+    except ValueError:
+        return None
+
+
+async def map_bounded(items: list[Any], worker, concurrency: int) -> list[Any]:
+    """Run `worker(item)` for every item with at most `concurrency` at once; results in order.
+
+    A worker's exception is returned in place of its result, so one item never stops the rest.
+    """
+    gate = asyncio.Semaphore(concurrency)
+
+    async def run(item: Any) -> Any:
+        async with gate:
+            try:
+                return await worker(item)
+            except Exception as exc:  # noqa: BLE001 - per-item error, recorded by the caller
+                return exc
+
+    return await asyncio.gather(*(run(item) for item in items))
