@@ -37,7 +37,6 @@ from sidpipe.models.openai_client import (
     EndpointSettings,
     OpenAICompatClient,
     RequestFailedError,
-    map_bounded,
 )
 from sidpipe.models.prompts import (
     CAPTION_PROMPTS,
@@ -186,27 +185,44 @@ async def _compute(
     schema: pa.Schema,
     progress: Callable[[int, int], None] | None,
 ):
+    """A pool of `max_in_flight x replicas` workers pulls inputs one by one, so the server never
+    idles between chunks; finished results are flushed to the cache every CHUNK_ITEMS."""
     failed: dict[str, str] = {}
+    rows: list[dict[str, Any]] = []
+    pending = iter(todo)
     done = 0
+    flushes: list[asyncio.Task] = []
+
+    def flush() -> None:
+        nonlocal rows
+        if rows:
+            table = pa.Table.from_pylist(rows, schema=schema)
+            rows = []
+            # Cache writes are blocking I/O: off the event loop, overlapping the requests.
+            flushes.append(asyncio.ensure_future(asyncio.to_thread(cache.put, table)))
+
     async with OpenAICompatClient(settings) as client:
         await client.health_check()
-        concurrency = settings.max_in_flight * len(settings.urls)
-        for start in range(0, len(todo), CHUNK_ITEMS):
-            chunk = todo[start : start + CHUNK_ITEMS]
-            results = await map_bounded(chunk, lambda pair: worker(client, pair[1]), concurrency)
-            rows = []
-            for (h, _), result in zip(chunk, results, strict=True):
-                if isinstance(result, BaseException):
-                    failed[h] = f"{type(result).__name__}: {result}"
-                else:
-                    rows.append({"input_hash": h, **result})
-            if rows:
-                # Cache I/O is blocking: keep it off the event loop's requests.
-                table = pa.Table.from_pylist(rows, schema=schema)
-                await asyncio.to_thread(cache.put, table)
-            done += len(chunk)
-            if progress is not None:
-                progress(done, len(todo))
+
+        async def pull() -> None:
+            nonlocal done
+            for h, payload in pending:  # a shared iterator: each input is taken once
+                try:
+                    rows.append({"input_hash": h, **await worker(client, payload)})
+                except Exception as exc:  # noqa: BLE001 - a per-item error
+                    failed[h] = f"{type(exc).__name__}: {exc}"
+                done += 1
+                if len(rows) >= CHUNK_ITEMS:
+                    flush()
+                if progress is not None and done % 256 == 0:
+                    progress(done, len(todo))
+
+        workers = min(len(todo), settings.max_in_flight * len(settings.urls))
+        await asyncio.gather(*(pull() for _ in range(workers)))
+        flush()
+        await asyncio.gather(*flushes)
+        if progress is not None:
+            progress(done, len(todo))
         usage = client.usage.as_dict()
     return failed, usage
 

@@ -277,3 +277,23 @@ def _dominant_colour(url: str) -> str:
         raise ValueError(f"cannot identify image: {exc}") from exc
     r, g, b = pixels.reshape(-1, 3).mean(axis=0)
     return max((("red", r), ("green", g), ("blue", b)), key=lambda c: c[1])[0]
+
+
+if __name__ == "__main__":  # for benchmarks: serve in its own process until killed
+    import argparse
+    import sys
+    import time
+
+    parser = argparse.ArgumentParser(description="vLLM OpenAI-server test double")
+    parser.add_argument("--model", default="Qwen/Qwen2.5-7B-Instruct")
+    parser.add_argument("--capacity", type=int, default=64)
+    parser.add_argument("--latency", type=float, default=0.2)
+    args = parser.parse_args()
+    server = VLLMDouble(args.model, capacity=args.capacity, latency=args.latency)
+    print(server.start(), flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        server.stop()
+        sys.exit(0)
