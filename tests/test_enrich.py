@@ -328,3 +328,15 @@ def test_image_limits_and_transports(tmp_path):
         image_url_for("https://example.com/a.jpg", "data_url", 10**6, 10**6, False)
     with pytest.raises(ImageError, match="not found"):
         image_url_for(str(tmp_path / "none.jpg"), "data_url", 10**6, 10**6, False)
+
+
+def test_images_load_from_s3(s3):
+    import s3fs
+
+    path = SAMPLE_DIR / "images" / f"{sample_rows(1)[0]['item_id']}.jpg"
+    key = f"{s3}/imgs/a.jpg"
+    s3fs.S3FileSystem().put(str(path), key.removeprefix("s3://"))
+    url = image_url_for(key, "data_url", 10**6, 10**6, False)
+    assert url.startswith("data:image/jpeg;base64,")
+    with pytest.raises(ImageError, match="not found"):
+        image_url_for(f"{s3}/imgs/missing.jpg", "data_url", 10**6, 10**6, False)
