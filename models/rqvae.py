@@ -87,6 +87,8 @@ def _mlp(dims: list[int]) -> nn.Sequential:
 
 
 class RQVAE(nn.Module):
+    method = "rqvae"
+
     def __init__(self, config: RQVAEConfig) -> None:
         super().__init__()
         self.config = config
@@ -101,6 +103,10 @@ class RQVAE(nn.Module):
     @property
     def levels(self) -> int:
         return len(self.codebooks)
+
+    @property
+    def codebook_sizes(self) -> list[int]:
+        return list(self.config.codebook_sizes)
 
     def standardize(self, x: torch.Tensor) -> torch.Tensor:
         return (x - self.mean) / self.std
@@ -153,6 +159,15 @@ class RQVAE(nn.Module):
             codes, _, _ = self.quantize(self.encoder(self.standardize(xb)))
             out.append(codes.to(torch.int32).numpy())
         return np.concatenate(out) if out else np.zeros((0, self.levels), np.int32)
+
+    @torch.no_grad()
+    def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
+        """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
+        self.eval()
+        xb = torch.from_numpy(np.ascontiguousarray(x, np.float32))
+        _, _, residuals = self.quantize(self.encoder(self.standardize(xb)))
+        distances = torch.cdist(residuals[-1], self.codebooks[-1])
+        return distances.argsort(dim=1).to(torch.int32).numpy()
 
     @torch.no_grad()
     def reconstruction_cosine_by_depth(self, x: np.ndarray, batch_size: int = 8192) -> list[float]:

@@ -105,6 +105,29 @@ def quality_markdown(quality: dict) -> str:
         f"{quality['max_suffix']})",
         f"- reconstruction cosine by depth: {cos}",
     ]
+    collisions = quality.get("collisions")
+    if collisions:
+        b = collisions["before"]
+        lines.append(
+            f"- collision handling `{collisions['mode']}`: distinct tuples "
+            f"{b['distinct_tuple_rate']:.1%} before -> {quality['distinct_tuple_rate']:.1%} after; "
+            f"largest bucket {b['max_bucket']} -> {quality['max_bucket']}; "
+            f"{collisions['reassigned']:,} items moved to a free last-level code"
+        )
+    if "kept_from_previous_run" in quality:
+        lines.append(
+            f"- SIDs kept from the previous run: {quality['kept_from_previous_run']:,}; "
+            f"encoded this run: {quality['encoded_this_run']:,}"
+        )
+    drift = quality.get("drift")
+    if drift:
+        per_level = ", ".join(
+            f"{LEVEL_LETTERS[i]} {v:.1%}" for i, v in enumerate(drift["code_changed_per_level"])
+        )
+        lines.append(
+            f"- **drift** from `{drift['from_tokenizer']}`: {drift['sid_changed']:.1%} of "
+            f"{drift['items_compared']:,} items changed SID (per level: {per_level})"
+        )
     if quality.get("sizing_message"):
         lines.append(f"- sizing: {quality['sizing_message']}")
     return "\n".join(lines)

@@ -87,6 +87,14 @@ def run(
         str | None,
         typer.Option(help="Logical date of the run, YYYY-MM-DD (backfills) [default: today]."),
     ] = None,
+    refit: Annotated[
+        bool,
+        typer.Option(
+            "--refit",
+            help="Fit a new tokenizer version, pin it and report SID drift, instead of encoding "
+            "with the catalog's pinned tokenizer.",
+        ),
+    ] = False,
 ) -> None:
     """Run the nightly tokenization flow once: ingest, caption, interests, embed, fit, assign,
     publish. Unchanged items and tokenizers come from the cache."""
@@ -98,6 +106,10 @@ def run(
             cfg = cfg.model_copy(
                 update={"catalog": cfg.catalog.model_validate(cfg.catalog.model_dump() | updates)}
             )
+        if refit:
+            cfg = cfg.model_copy(
+                update={"tokenizer": cfg.tokenizer.model_copy(update={"refit": True})}
+            )
         day = date.fromisoformat(run_date) if run_date else None
     except (ConfigError, ValueError) as exc:
         raise _fail(str(exc)) from None
@@ -105,12 +117,22 @@ def run(
     from sidpipe.flows.nightly import nightly_tokenization
     from sidpipe.models.openai_client import EndpointUnavailableError
     from sidpipe.models.rqvae import CatalogTooSmallError
+    from sidpipe.models.tokenizer import EmbeddingInputError
+    from sidpipe.tasks.fit import QualityGateError, TokenizerMismatchError
     from sidpipe.tasks.ingest import CatalogError
 
     started = time.perf_counter()
     try:
         manifest = nightly_tokenization(cfg, run_date=day)
-    except (CatalogError, CatalogTooSmallError, EndpointUnavailableError, ConfigError) as exc:
+    except (
+        CatalogError,
+        CatalogTooSmallError,
+        EndpointUnavailableError,
+        ConfigError,
+        QualityGateError,
+        TokenizerMismatchError,
+        EmbeddingInputError,
+    ) as exc:
         # Problems of the input or the settings: one clear message, no traceback.
         raise _fail(str(exc)) from None
     _print_run_summary(manifest, time.perf_counter() - started)
@@ -307,6 +329,44 @@ def _print_manifest(m) -> None:
     for role, f in m.files.items():
         files.add_row(role, f.path, "" if f.rows is None else f"{f.rows:,}", f"{f.bytes:,}")
     console.print(files)
+
+
+@app.command()
+def tokenizers(
+    catalog: Annotated[str, typer.Argument(help="Catalog name.")],
+    store: StoreOption = None,
+    pin: Annotated[
+        str | None, typer.Option(help="Pin this tokenizer version: later runs encode with it.")
+    ] = None,
+) -> None:
+    """List a catalog's tokenizer versions (which one is pinned, drift), or pin one."""
+    from sidpipe.storage.registry import pin as pin_version
+    from sidpipe.storage.registry import read_registry
+    from sidpipe.storage.store import ArtifactStore
+
+    artifact_store = ArtifactStore(store or load_config().store)
+    if pin:
+        try:
+            pin_version(artifact_store, catalog, pin)
+        except KeyError as exc:
+            raise _fail(str(exc.args[0])) from None
+        console.print(f"pinned {pin} for {catalog}; the next run encodes with it")
+    registry = read_registry(artifact_store, catalog)
+    table = _table(
+        f"tokenizers of {catalog} in {artifact_store.root_uri}",
+        ("tokenizer_id", "pinned", "method", "codebooks", "items", "parent", "created"),
+    )
+    for v in registry.versions:
+        table.add_row(
+            v.tokenizer_id,
+            "*" if v.tokenizer_id == registry.pinned else "",
+            v.method,
+            "/".join(map(str, v.codebook_sizes)),
+            f"{v.items:,}",
+            v.parent or "",
+            f"{v.created_at:%Y-%m-%d %H:%M}",
+        )
+    console.print(table)
 
 
 @app.command("config")

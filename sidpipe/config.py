@@ -125,7 +125,28 @@ class EmbedConfig(ModelEndpointConfig):
 
 
 class TokenizerConfig(_Section):
-    """RQ-VAE tokenizer: residual levels, their codebook sizes and training knobs."""
+    """The SID tokenizer: method, residual levels and their codebook sizes, training knobs,
+    lifecycle (refit) and quality gates."""
+
+    method: Literal["rqvae", "rqkmeans"] = Field(
+        default="rqvae", description="rqvae (trained) or rqkmeans (residual k-means, no training)."
+    )
+    refit: bool = Field(
+        default=False,
+        description="Fit a new tokenizer version and pin it, with a drift report, instead of "
+        "encoding with the pinned one.",
+    )
+    collisions: Literal["suffix", "reassign"] = Field(
+        default="suffix",
+        description="suffix: TIGER's extra token; reassign: move colliding new items to the "
+        "nearest free code of the last level first (suffix only if none is free).",
+    )
+    min_level1_utilization: float = Field(
+        default=0.5, ge=0, le=1, description="Quality gate: a fit using fewer level-1 codes fails."
+    )
+    min_distinct_tuple_rate: float = Field(
+        default=0.0, ge=0, le=1, description="Quality gate on distinct code tuples per item."
+    )
 
     codebook_sizes: list[int] = Field(
         default=[4096, 2048, 1024],

@@ -1,9 +1,15 @@
-"""assign: encode every item with the tokenizer, resolve collisions, build the SID table.
+"""assign: give every item its SID, keeping every SID that already exists.
 
-Items whose code tuples collide are told apart by a suffix token (TIGER's extra digit). Suffixes
-are stable: an item that had a SID from the same tokenizer with the same codes in the previous
-published run keeps its suffix and `first_assigned` date; newcomers take the smallest free suffix
-of their tuple, in item_id order.
+Rules, against the catalog's last published SID table:
+- an item with the same tokenizer and the same content (`item_hash`) keeps its row exactly:
+  codes, suffix and `first_assigned` are copied, never re-derived;
+- a new or changed item is encoded with the tokenizer; it keeps its old suffix and date if its
+  codes came out unchanged, otherwise it takes the smallest free suffix of its code tuple;
+- with `collisions: reassign`, a new item that would collide first moves to the nearest last-level
+  code whose tuple is still free (capacity 1), and gets a suffix only if none is;
+- after a refit (another tokenizer than the previous table's) every item is encoded afresh, and a
+  drift report says which share of items changed SID, per level.
+The quality report describes the table before and after collision handling.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import itertools
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import date
 
 import numpy as np
@@ -18,7 +25,7 @@ import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
-from sidpipe.config import PipelineConfig
+from sidpipe.config import PipelineConfig, TokenizerConfig
 from sidpipe.models.sids import (
     codebook_tokens,
     quality_markdown,
@@ -30,10 +37,12 @@ from sidpipe.storage.manifest import StageStats, latest_published, staging_dir
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.embed import load_embeddings
 from sidpipe.tasks.fit import FitOutcome, load_tokenizer
-from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, read_items
+from sidpipe.tasks.report import quality_png
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, failed_items, read_items
 
 SIDS_FILE = "sids.parquet"
 QUALITY_FILE = "quality.json"
+QUALITY_PNG = "quality.png"
 TOKENS_FILE = "tokens.txt"
 
 SID_SCHEMA = pa.schema(
@@ -56,52 +65,120 @@ def assign_sids(
     run_date: date,
     item_hashes: list[str] | None = None,
     previous: pa.Table | None = None,
-) -> pa.Table:
-    """The SID table for items with code tuples [N, L]; `previous` is the last published table."""
-    prev: dict[str, tuple[tuple[int, ...], int, date]] = {}
-    if previous is not None:
-        for row in previous.select(
-            ["item_id", "codes", "suffix", "tokenizer_id", "first_assigned"]
-        ).to_pylist():
-            if row["tokenizer_id"] == tokenizer_id:
-                prev[row["item_id"]] = (tuple(row["codes"]), row["suffix"], row["first_assigned"])
+    last_level_ranking: Callable[[list[int]], np.ndarray] | None = None,
+) -> tuple[pa.Table, dict]:
+    """The SID table for items with code tuples [N, L], and collision stats.
 
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    tuples = [tuple(int(c) for c in row) for row in codes]
-    for i, t in enumerate(tuples):
-        groups[t].append(i)
+    `previous` is the last published table; `last_level_ranking(rows)` (reassign mode) returns,
+    for those rows, their last-level codes from nearest to farthest.
+    """
+    hashes = item_hashes or [None] * len(item_ids)
+    prev: dict[str, dict] = {}
+    if previous is not None:
+        for row in previous.to_pylist():
+            if row["tokenizer_id"] == tokenizer_id:
+                prev[row["item_id"]] = row
+
+    codes = np.array(codes, dtype=np.int32, copy=True)
+    kept_exactly = np.zeros(len(item_ids), dtype=bool)
+    for i, item_id in enumerate(item_ids):
+        old = prev.get(item_id)
+        if old is not None and hashes[i] is not None and old["item_hash"] == hashes[i]:
+            codes[i] = old["codes"]  # unchanged item: its SID is copied, not re-derived
+            kept_exactly[i] = True
+    raw_codes = codes.copy()
 
     suffix = np.zeros(len(item_ids), dtype=np.int32)
     first = [run_date] * len(item_ids)
-    for t, members in groups.items():
-        taken: set[int] = set()
-        newcomers = []
-        for i in members:
-            old = prev.get(item_ids[i])
-            if old is not None and old[0] == t and old[1] not in taken:
-                suffix[i], first[i] = old[1], old[2]
-                taken.add(old[1])
-            else:
-                newcomers.append(i)
-        free = (s for s in itertools.count() if s not in taken)
-        for i in sorted(newcomers, key=lambda j: item_ids[j]):
-            suffix[i] = next(free)
+    taken: dict[tuple[int, ...], set[int]] = defaultdict(set)
+    newcomers: list[int] = []
+    for i, item_id in enumerate(item_ids):
+        old = prev.get(item_id)
+        t = tuple(codes[i].tolist())
+        if old is not None and tuple(old["codes"]) == t and old["suffix"] not in taken[t]:
+            suffix[i], first[i] = old["suffix"], old["first_assigned"]
+            taken[t].add(old["suffix"])
+        else:
+            newcomers.append(i)
+    newcomers.sort(key=lambda j: item_ids[j])
 
-    return pa.table(
+    reassigned = 0
+    if last_level_ranking is not None and newcomers:
+        # Capacity 1 per tuple: a newcomer whose tuple is occupied moves to the nearest free
+        # last-level code under the same prefix.
+        occupied = {t for t, s in taken.items() if s}
+        crowded = []
+        for i in newcomers:
+            t = tuple(codes[i].tolist())
+            if t in occupied:
+                crowded.append(i)
+            else:
+                occupied.add(t)
+        if crowded:
+            ranking = last_level_ranking(crowded)
+            for row, i in enumerate(crowded):
+                prefix = tuple(codes[i, :-1].tolist())
+                for code in ranking[row]:
+                    if prefix + (int(code),) not in occupied:
+                        codes[i, -1] = int(code)
+                        occupied.add(prefix + (int(code),))
+                        reassigned += 1
+                        break
+    for i in newcomers:
+        t = tuple(codes[i].tolist())
+        free = next(s for s in itertools.count() if s not in taken[t])
+        suffix[i] = free
+        taken[t].add(free)
+
+    table = pa.table(
         {
             "item_id": pa.array(item_ids, pa.string()),
-            "codes": pa.array([list(t) for t in tuples], pa.list_(pa.int32())),
+            "codes": pa.array(codes.tolist(), pa.list_(pa.int32())),
             "suffix": pa.array(suffix, pa.int32()),
             "sid": pa.array(
-                [sid_string(list(t), int(s)) for t, s in zip(tuples, suffix, strict=True)],
+                [sid_string(c, int(s)) for c, s in zip(codes.tolist(), suffix, strict=True)],
                 pa.string(),
             ),
             "tokenizer_id": pa.array([tokenizer_id] * len(item_ids), pa.string()),
             "first_assigned": pa.array(first, pa.date32()),
-            "item_hash": pa.array(item_hashes or [None] * len(item_ids), pa.string()),
+            "item_hash": pa.array(hashes, pa.string()),
         },
         schema=SID_SCHEMA,
     )
+    return table, {
+        "raw_codes": raw_codes,
+        "kept_exactly": int(kept_exactly.sum()),
+        "encoded": int((~kept_exactly).sum()),
+        "reassigned": reassigned,
+    }
+
+
+def drift_report(previous: pa.Table, current: pa.Table) -> dict:
+    """Share of items (present in both tables) whose SID changed, overall and per level."""
+    old = {r["item_id"]: r for r in previous.select(["item_id", "codes", "sid"]).to_pylist()}
+    rows = [
+        (old[r["item_id"]], r)
+        for r in current.select(["item_id", "codes", "sid"]).to_pylist()
+        if r["item_id"] in old
+    ]
+    n = len(rows)
+    levels = max((len(r["codes"]) for _, r in rows), default=0)
+    per_level = [
+        sum(
+            1 for o, r in rows if level >= len(o["codes"]) or o["codes"][level] != r["codes"][level]
+        )
+        / n
+        if n
+        else 0.0
+        for level in range(levels)
+    ]
+    return {
+        "from_tokenizer": previous["tokenizer_id"][0].as_py() if previous.num_rows else None,
+        "to_tokenizer": current["tokenizer_id"][0].as_py() if current.num_rows else None,
+        "items_compared": n,
+        "sid_changed": sum(1 for o, r in rows if o["sid"] != r["sid"]) / n if n else 0.0,
+        "code_changed_per_level": per_level,
+    }
 
 
 class AssignOutcome(StageOutcome):
@@ -110,34 +187,83 @@ class AssignOutcome(StageOutcome):
 
 
 def assign_stage(
-    store: ArtifactStore, run: RunInfo, items: pa.Table, embed: StageOutcome, fit: FitOutcome
+    store: ArtifactStore,
+    run: RunInfo,
+    items: pa.Table,
+    embed: StageOutcome,
+    fit: FitOutcome,
+    config: TokenizerConfig | None = None,
 ) -> AssignOutcome:
     started = time.perf_counter()
+    config = config or TokenizerConfig()
     item_ids, _, x = load_embeddings(store, run, embed)
-    model, _ = load_tokenizer(store, fit.tokenizer_id)
-    codes = model.encode(x)
+    rejected = failed_items(store, run, [fit])
+    if rejected:
+        keep = [i for i, item_id in enumerate(item_ids) if item_id not in rejected]
+        item_ids, x = [item_ids[i] for i in keep], x[keep]
+    tokenizer, _ = load_tokenizer(store, fit.tokenizer_id)
+    codes = tokenizer.encode(x)
     previous_run = latest_published(store, run.catalog, not_after=run.run_date)
     previous = None
     if previous_run is not None and "sids" in previous_run.files:
         previous = store.read_parquet(previous_run.files["sids"].path)
     hashes = dict(zip(items["item_id"].to_pylist(), items["item_hash"].to_pylist(), strict=True))
-    table = assign_sids(
-        item_ids, codes, fit.tokenizer_id, run.run_date, [hashes[i] for i in item_ids], previous
+    ranking = None
+    if config.collisions == "reassign":
+
+        def ranking(rows: list[int]) -> np.ndarray:
+            return tokenizer.last_level_ranking(x[rows])
+
+    table, stats = assign_sids(
+        item_ids,
+        codes,
+        fit.tokenizer_id,
+        run.run_date,
+        [hashes[i] for i in item_ids],
+        previous,
+        ranking,
     )
 
-    quality = sid_quality(codes, fit.codebook_sizes)
+    final_codes = np.asarray(table["codes"].to_pylist(), dtype=np.int32).reshape(
+        len(item_ids), len(fit.codebook_sizes)
+    )
+    quality = sid_quality(final_codes, fit.codebook_sizes)
+    before = sid_quality(stats["raw_codes"], fit.codebook_sizes)
     suffixes = table["suffix"].to_numpy()
     quality |= {
         "tokenizer_id": fit.tokenizer_id,
+        "method": fit.method,
         "codebook_sizes": fit.codebook_sizes,
+        "collisions": {
+            "mode": config.collisions,
+            "before": {
+                k: before[k]
+                for k in ("distinct_tuple_rate", "unique_item_rate", "max_bucket", "bucket_gini")
+            },
+            "reassigned": stats["reassigned"],
+        },
         "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
         "items_with_suffix": int((suffixes > 0).sum()),
-        "reconstruction_cosine_by_depth": model.reconstruction_cosine_by_depth(x),
+        "kept_from_previous_run": stats["kept_exactly"],
+        "encoded_this_run": stats["encoded"],
+        "reconstruction_cosine_by_depth": tokenizer.reconstruction_cosine_by_depth(x),
         "sizing_message": fit.sizing_message,
     }
+    if (
+        previous is not None
+        and previous.num_rows
+        and previous["tokenizer_id"][0].as_py() != fit.tokenizer_id
+    ):
+        quality["drift"] = drift_report(previous, table)
+
     staging = staging_dir(run.run_id)
     store.write_parquet(table, *staging, SIDS_FILE)
     store.write_json(quality, *staging, QUALITY_FILE)
+    store.write_bytes(
+        quality_png(final_codes, quality, f"{run.catalog} {run.run_date}: {fit.tokenizer_id}"),
+        *staging,
+        QUALITY_PNG,
+    )
     tokens = codebook_tokens(fit.codebook_sizes) + suffix_tokens(
         len(fit.codebook_sizes), quality["max_suffix"]
     )
@@ -146,7 +272,11 @@ def assign_stage(
         stage="assign",
         key=fit.tokenizer_id,
         index=SIDS_FILE,
-        stats=StageStats(computed=table.num_rows, seconds=time.perf_counter() - started),
+        stats=StageStats(
+            computed=stats["encoded"],
+            cached=stats["kept_exactly"],
+            seconds=time.perf_counter() - started,
+        ),
         assigned=table.num_rows,
         quality=quality,
     )
@@ -157,13 +287,15 @@ def assign_task(
     config: PipelineConfig, run: RunInfo, embed: StageOutcome, fit: FitOutcome
 ) -> AssignOutcome:
     store = ArtifactStore(config.store)
-    outcome = assign_stage(store, run, read_items(store, run), embed, fit)
+    outcome = assign_stage(store, run, read_items(store, run), embed, fit, config.tokenizer)
     create_markdown_artifact(
         quality_markdown(outcome.quality), key="sid-quality", description="SID quality of this run"
     )
     get_run_logger().info(
-        "assign: %d SIDs, %.1f%% distinct code tuples",
+        "assign: %d SIDs (%d kept, %d encoded), %.1f%% distinct code tuples",
         outcome.assigned,
+        outcome.stats.cached,
+        outcome.stats.computed,
         100 * outcome.quality["distinct_tuple_rate"],
     )
     return outcome

@@ -1,10 +1,18 @@
-"""fit: train the RQ-VAE tokenizer on the run's embeddings, or reuse the one already trained.
+"""fit: make sure the catalog has a tokenizer to encode with, training one only when needed.
 
-A tokenizer is stored at `<root>/tokenizers/<tokenizer_id>/` (model.safetensors, config.json,
-tokens.txt, fit_report.json). Its id is a hash of everything that determines it: the embedding
-stage key, the exact embeddings it was trained on, and the tokenizer settings (seed included). So
-a re-run with unchanged inputs finds it and trains nothing; `config.json` is written last and
-marks a complete tokenizer.
+The lifecycle (DESIGN.md guarantee 3, stable SIDs):
+- the catalog's **pinned** tokenizer (see `storage.registry`) is reused by every nightly run, so
+  existing items keep their SIDs; nothing is trained;
+- with no pinned tokenizer (the first run) or with `tokenizer.refit`, a tokenizer is fitted on the
+  run's embeddings, checked against the quality gates, stored, registered as a new version and
+  pinned; `assign` then writes a drift report against the previous SIDs;
+- a pinned tokenizer fitted on another embedding space (embedder or text template changed) is
+  never used silently: the run stops and says to refit.
+
+A tokenizer lives at `<root>/tokenizers/<tokenizer_id>/` (model.safetensors, config.json,
+tokens.txt, fit_report.json, quality.png); its id hashes everything that determines it (method,
+embedding key, the exact training data, every setting including the seed), and `config.json` is
+written last.
 """
 
 from __future__ import annotations
@@ -15,132 +23,239 @@ import time
 from prefect import get_run_logger, task
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
-from sidpipe.models.rqvae import (
-    RQVAE,
-    RQVAEConfig,
-    TrainConfig,
-    fit_rqvae,
-    load_rqvae,
-    save_rqvae,
-    size_codebooks,
+from sidpipe.models.rqvae import size_codebooks
+from sidpipe.models.sids import codebook_tokens, sid_quality
+from sidpipe.models.tokenizer import (
+    Tokenizer,
+    fit_tokenizer,
+    load_tokenizer_state,
+    save_tokenizer,
+    screen_embeddings,
 )
-from sidpipe.models.sids import codebook_tokens
 from sidpipe.storage.hashing import hash_strings, stable_hash
 from sidpipe.storage.manifest import StageStats, utcnow
+from sidpipe.storage.registry import TokenizerVersion, read_registry, register
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.embed import load_embeddings
-from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome
+from sidpipe.tasks.report import quality_png
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, write_errors
 
 log = logging.getLogger(__name__)
 
 
+class QualityGateError(RuntimeError):
+    """A fitted tokenizer is below a configured quality threshold; it is not pinned."""
+
+
+class TokenizerMismatchError(RuntimeError):
+    """The pinned tokenizer was fitted on other embeddings than this run's."""
+
+
 class FitOutcome(StageOutcome):
     tokenizer_id: str = ""
+    method: str = ""
     codebook_sizes: list[int] = []
     sizing_message: str | None = None
+    fitted: bool = False  # a new version was fitted (first run or refit)
+    parent: str | None = None  # the version pinned before this run
 
 
 def tokenizer_dir(tokenizer_id: str) -> tuple[str, ...]:
     return ("tokenizers", tokenizer_id)
 
 
+def load_tokenizer(store: ArtifactStore, tokenizer_id: str) -> tuple[Tokenizer, dict]:
+    where = tokenizer_dir(tokenizer_id)
+    config = store.read_json(*where, "config.json")
+    return load_tokenizer_state(
+        store.read_bytes(*where, "model.safetensors"), config["model"]
+    ), config
+
+
+def check_gates(quality: dict, config: TokenizerConfig) -> None:
+    level1 = quality["levels"][0]["utilization"]
+    problems = []
+    if level1 < config.min_level1_utilization:
+        problems.append(
+            f"level-1 utilization {level1:.1%} < {config.min_level1_utilization:.0%} "
+            "(tokenizer.min_level1_utilization)"
+        )
+    if quality["distinct_tuple_rate"] < config.min_distinct_tuple_rate:
+        problems.append(
+            f"distinct code tuples {quality['distinct_tuple_rate']:.1%} < "
+            f"{config.min_distinct_tuple_rate:.0%} (tokenizer.min_distinct_tuple_rate)"
+        )
+    if problems:
+        raise QualityGateError(
+            "tokenizer fit failed its quality gates: "
+            + "; ".join(problems)
+            + ". Try smaller codebooks, more epochs or method rqkmeans."
+        )
+
+
 def fit_stage(
-    store: ArtifactStore,
-    run: RunInfo,
-    embed: StageOutcome,
-    config: TokenizerConfig,
-    progress=None,
+    store: ArtifactStore, run: RunInfo, embed: StageOutcome, config: TokenizerConfig, progress=None
 ) -> FitOutcome:
     started = time.perf_counter()
     item_ids, hashes, x = load_embeddings(store, run, embed)
+    keep, rejects = screen_embeddings(item_ids, x)
+    errors = write_errors(store, run, "fit", [(i, f"fit: {why}") for i, why in rejects])
+    registry = read_registry(store, run.catalog)
+    pinned = registry.version(registry.pinned) if registry.pinned else None
+
+    if pinned is not None and not config.refit:
+        if pinned.embed_key != embed.key:
+            raise TokenizerMismatchError(
+                f"the pinned tokenizer {pinned.tokenizer_id} was fitted on embeddings "
+                f"{pinned.embed_key}, this run's are {embed.key} (embedder or text template "
+                "changed). Refit with `sidpipe run --refit` (SIDs will change; a drift report "
+                "is written) or restore the embedding settings."
+            )
+        log.info("fit: encoding with the pinned tokenizer %s (no training)", pinned.tokenizer_id)
+        if pinned.method != config.method or len(pinned.codebook_sizes) != len(
+            config.codebook_sizes
+        ):
+            log.warning(
+                "fit: tokenizer settings differ from the pinned %s (%s, %d levels); they "
+                "take effect only with a refit",
+                pinned.tokenizer_id,
+                pinned.method,
+                len(pinned.codebook_sizes),
+            )
+        return FitOutcome(
+            stage="fit",
+            key=pinned.tokenizer_id,
+            errors=errors,
+            stats=StageStats(
+                cached=len(keep), failed=len(rejects), seconds=time.perf_counter() - started
+            ),
+            tokenizer_id=pinned.tokenizer_id,
+            method=pinned.method,
+            codebook_sizes=pinned.codebook_sizes,
+            parent=pinned.tokenizer_id,
+            model={
+                "name": pinned.method,
+                "tokenizer_id": pinned.tokenizer_id,
+                "codebook_sizes": pinned.codebook_sizes,
+                "pinned": True,
+            },
+        )
+
+    x = x[keep]
+    data_hash = hash_strings([hashes[i] for i in keep])
     sizes, message = size_codebooks(
         len(x), config.codebook_sizes, config.min_points_per_code, config.small_catalog
     )
     if message:
         log.warning("fit: %s", message)
-    model_config = RQVAEConfig(
-        input_dim=x.shape[1],
-        codebook_sizes=sizes,
-        hidden_dims=list(config.hidden_dims),
-        latent_dim=config.latent_dim,
-        commitment_weight=config.commitment_weight,
-    )
-    train = TrainConfig(
-        epochs=config.epochs,
-        batch_size=config.batch_size,
-        learning_rate=config.learning_rate,
-        kmeans_iterations=config.kmeans_iterations,
-        seed=config.seed,
+    settings = config.model_dump(
+        exclude={
+            "refit",
+            "collisions",
+            "small_catalog",
+            "min_level1_utilization",
+            "min_distinct_tuple_rate",
+        }
     )
     identity = {
-        "method": "rqvae",
+        "method": config.method,
         "embed_key": embed.key,
-        "data": hash_strings(hashes),
-        "model": model_config.__dict__,
-        "train": train.__dict__,
+        "data": data_hash,
+        "codebook_sizes": sizes,
+        "settings": settings,
     }
-    tokenizer_id = f"rqvae-{stable_hash(identity, 16)}"
+    tokenizer_id = f"{config.method}-{stable_hash(identity, 16)}"
     where = tokenizer_dir(tokenizer_id)
 
     if store.exists(*where, "config.json"):
         log.info("fit: tokenizer %s already trained on these embeddings; reusing it", tokenizer_id)
-        stats = StageStats(cached=len(x), seconds=time.perf_counter() - started)
+        stats = StageStats(
+            cached=len(x), failed=len(rejects), seconds=time.perf_counter() - started
+        )
     else:
-        log.info("fit: training %s on %d items, codebooks %s", tokenizer_id, len(x), sizes)
-        model, report = fit_rqvae(x, model_config, train, progress=progress)
-        weights, model_json = save_rqvae(model)
+        log.info(
+            "fit: training %s (%s) on %d items, codebooks %s",
+            tokenizer_id,
+            config.method,
+            len(x),
+            sizes,
+        )
+        tokenizer, report = fit_tokenizer(x, config.method, sizes, config, progress)
+        quality = sid_quality(tokenizer.encode(x), sizes)
+        quality["reconstruction_cosine_by_depth"] = tokenizer.reconstruction_cosine_by_depth(x)
+        check_gates(quality, config)
+        weights, model_config = save_tokenizer(tokenizer)
         store.write_bytes(weights, *where, "model.safetensors")
         store.write_text("\n".join(codebook_tokens(sizes)) + "\n", *where, "tokens.txt")
-        store.write_json(
-            {
-                **report.to_dict(),
-                "reconstruction_cosine_by_depth": model.reconstruction_cosine_by_depth(x),
-            },
+        store.write_json({**report, "quality": quality}, *where, "fit_report.json")
+        store.write_bytes(
+            quality_png(
+                tokenizer.encode(x), quality, title=f"{tokenizer_id} (fit, {len(x):,} items)"
+            ),
             *where,
-            "fit_report.json",
+            "quality.png",
         )
         store.write_json(
             {
                 "tokenizer_id": tokenizer_id,
-                "method": "rqvae",
-                "model": model_json,
-                "train": train.__dict__,
+                "method": config.method,
+                "model": model_config,
+                "settings": settings,
                 "requested_codebook_sizes": list(config.codebook_sizes),
                 "codebook_sizes": sizes,
                 "sizing_message": message,
                 "embed": embed.model | {"key": embed.key},
                 "trained_on": {
                     "items": len(x),
-                    "data_hash": identity["data"],
+                    "data_hash": data_hash,
                     "run_id": run.run_id,
+                    "catalog": run.catalog,
                 },
                 "created_at": utcnow().isoformat(),
             },
             *where,
             "config.json",
         )
-        stats = StageStats(computed=len(x), seconds=time.perf_counter() - started)
+        stats = StageStats(
+            computed=len(x), failed=len(rejects), seconds=time.perf_counter() - started
+        )
+
+    parent = pinned.tokenizer_id if pinned is not None else None
+    register(
+        store,
+        run.catalog,
+        TokenizerVersion(
+            tokenizer_id=tokenizer_id,
+            method=config.method,
+            created_at=utcnow(),
+            embed_key=embed.key,
+            items=len(x),
+            codebook_sizes=sizes,
+            parent=parent,
+        ),
+        pin=True,
+    )
     return FitOutcome(
         stage="fit",
         key=tokenizer_id,
+        errors=errors,
         stats=stats,
         tokenizer_id=tokenizer_id,
+        method=config.method,
         codebook_sizes=sizes,
         sizing_message=message,
+        fitted=True,
+        parent=parent,
         model={
-            "name": "rqvae",
+            "name": config.method,
             "tokenizer_id": tokenizer_id,
             "codebook_sizes": sizes,
             "requested_codebook_sizes": list(config.codebook_sizes),
             "sizing_message": message,
+            "parent": parent,
+            "pinned": True,
         },
     )
-
-
-def load_tokenizer(store: ArtifactStore, tokenizer_id: str) -> tuple[RQVAE, dict]:
-    where = tokenizer_dir(tokenizer_id)
-    config = store.read_json(*where, "config.json")
-    return load_rqvae(store.read_bytes(*where, "model.safetensors"), config["model"]), config
 
 
 @task(name="fit", **TASK_OPTIONS)

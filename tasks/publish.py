@@ -24,7 +24,7 @@ from sidpipe.storage.manifest import (
     utcnow,
 )
 from sidpipe.storage.store import ArtifactStore, concat_tables
-from sidpipe.tasks.assign import QUALITY_FILE, SIDS_FILE, TOKENS_FILE, AssignOutcome
+from sidpipe.tasks.assign import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_FILE, AssignOutcome
 from sidpipe.tasks.fit import FitOutcome
 from sidpipe.tasks.ingest import ITEMS_FILE, QUARANTINE_FILE, IngestOutcome
 from sidpipe.tasks.stage import ERRORS_SCHEMA, TASK_OPTIONS, RunInfo, StageOutcome
@@ -112,6 +112,7 @@ def publish_stage(
             "sids": (SIDS_FILE, sids, assign.assigned),
             "errors": (ERRORS_FILE, sids, errors.num_rows),
             "quality": (QUALITY_FILE, sids, None),
+            "quality_png": (QUALITY_PNG, sids, None),
             "tokens": (TOKENS_FILE, sids, None),
         },
     )

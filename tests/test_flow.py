@@ -255,5 +255,91 @@ def test_full_enrichment_against_a_flaky_server_accounts_for_every_item(tmp_path
         third = run_flow(config)
         s = third["stages"]
         assert (s["caption"]["computed"], s["caption"]["cached"]) == (0, 98)
-        assert s["interests"]["computed"] == 98
-        assert s["embed"]["computed"] == 98 and s["fit"]["computed"] == 98
+        assert s["interests"]["computed"] == 98 and s["embed"]["computed"] == 98
+        # Published SIDs stay stable: the pinned tokenizer is not retrained, and items whose
+        # catalog content did not change keep their SIDs; a refit brings the new embeddings in.
+        assert s["fit"]["computed"] == 0
+        assert (s["assign"]["computed"], s["assign"]["cached"]) == (0, 98)
+
+
+def test_sid_lifecycle_nightly_keeps_sids_and_refit_reports_drift(tmp_path):
+    import hashlib
+
+    rows = sample_rows(160)
+    day1, day2, day3 = date(2026, 11, 1), date(2026, 11, 2), date(2026, 11, 3)
+    store_uri = str(tmp_path / "store")
+    first_catalog = write_catalog(tmp_path / "c1", rows[:120])
+    first = run_flow(small_config(store_uri, str(first_catalog)), day1)
+    store = ArtifactStore(store_uri)
+    sids1 = {
+        r["item_id"]: r for r in store.read_parquet(first["files"]["sids"]["path"]).to_pylist()
+    }
+
+    # Day 2: 40 new items, 5 changed titles; the pinned tokenizer is reused, nothing retrained.
+    changed = [
+        dict(r, title=r["title"] + " (2026 edition)") if i < 5 else r
+        for i, r in enumerate(rows[:120])
+    ]
+    second_catalog = write_catalog(tmp_path / "c2", changed + rows[120:])
+    second = run_flow(small_config(store_uri, str(second_catalog)), day2)
+    assert second["tokenizer_id"] == first["tokenizer_id"]
+    assert second["stages"]["fit"]["computed"] == 0
+    assert second["stages"]["assign"]["cached"] == 115  # unchanged items, copied
+    assert second["stages"]["assign"]["computed"] == 45
+    sids2 = {
+        r["item_id"]: r for r in store.read_parquet(second["files"]["sids"]["path"]).to_pylist()
+    }
+    changed_ids = {r["item_id"] for r in changed[:5]}
+    for item_id, row in sids1.items():
+        if item_id not in changed_ids:
+            assert sids2[item_id] == row  # byte-identical SID rows
+    assert len({r["sid"] for r in sids2.values()}) == 160
+
+    # Day 3: a refit with another seed: a new pinned version, a drift report; nothing published
+    # before is touched.
+    before = {
+        k: hashlib.sha256(open(tmp_path / "store" / f["path"], "rb").read()).hexdigest()
+        for k, f in second["files"].items()
+    }
+    refit = small_config(store_uri, str(second_catalog), seed=7)
+    refit = refit.model_copy(
+        update={"tokenizer": refit.tokenizer.model_copy(update={"refit": True})}
+    )
+    third = run_flow(refit, day3)
+    assert third["tokenizer_id"] != second["tokenizer_id"]
+    assert third["models"]["fit"]["parent"] == second["tokenizer_id"]
+    quality = store.read_json(third["files"]["quality"]["path"])
+    assert quality["drift"]["items_compared"] == 160 and quality["drift"]["sid_changed"] > 0.2
+    assert len(quality["drift"]["code_changed_per_level"]) == 3
+    for key, digest in before.items():
+        assert (
+            hashlib.sha256(
+                open(tmp_path / "store" / second["files"][key]["path"], "rb").read()
+            ).hexdigest()
+            == digest
+        )
+    from sidpipe.storage.registry import read_registry
+
+    registry = read_registry(store, "test-catalog")
+    assert registry.pinned == third["tokenizer_id"] and len(registry.versions) == 2
+
+    listing = CliRunner().invoke(app, ["tokenizers", "test-catalog", "--store", store_uri])
+    assert listing.exit_code == 0 and third["tokenizer_id"] in listing.output
+
+
+def test_a_pinned_tokenizer_is_never_used_on_another_embedding_space(tmp_path, small_catalog):
+    from sidpipe.tasks.fit import TokenizerMismatchError
+
+    config = small_config(str(tmp_path / "store"), str(small_catalog))
+    run_flow(config)
+    other = config.model_copy(
+        update={"embed": config.embed.model_copy(update={"text_template_version": "v2"})}
+    )
+    with pytest.raises(TokenizerMismatchError, match="--refit"):
+        run_flow(other)
+
+
+def test_rqkmeans_through_the_flow(tmp_path, small_catalog):
+    result = run_flow(small_config(str(tmp_path / "store"), str(small_catalog), method="rqkmeans"))
+    assert result["tokenizer_id"].startswith("rqkmeans-")
+    assert result["counts"]["assigned"] == 120

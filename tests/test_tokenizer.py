@@ -88,7 +88,7 @@ def test_sid_string_format():
 
 def test_colliding_items_get_distinct_suffixes():
     codes = np.array([[1, 2, 3], [1, 2, 3], [4, 5, 6], [1, 2, 3]])
-    table = assign_sids(["b", "a", "c", "d"], codes, "tok", date(2026, 11, 1))
+    table, _ = assign_sids(["b", "a", "c", "d"], codes, "tok", date(2026, 11, 1))
     rows = {r["item_id"]: r for r in table.to_pylist()}
     assert [rows[i]["suffix"] for i in "abcd"] == [0, 1, 0, 2]  # item_id order within a tuple
     assert rows["a"]["sid"] == "<a_1><b_2><c_3><d_0>"
@@ -97,9 +97,9 @@ def test_colliding_items_get_distinct_suffixes():
 
 def test_existing_items_keep_suffix_and_first_assigned_date():
     day1, day2 = date(2026, 11, 1), date(2026, 11, 2)
-    first = assign_sids(["b", "c"], np.array([[1, 1], [1, 1]]), "tok", day1)
+    first, _ = assign_sids(["b", "c"], np.array([[1, 1], [1, 1]]), "tok", day1)
     # "a" arrives and sorts before b and c, but must not take their suffixes.
-    second = assign_sids(
+    second, _ = assign_sids(
         ["a", "b", "c"], np.array([[1, 1], [1, 1], [1, 1]]), "tok", day2, previous=first
     )
     rows = {r["item_id"]: r for r in second.to_pylist()}
@@ -108,8 +108,8 @@ def test_existing_items_keep_suffix_and_first_assigned_date():
 
 
 def test_a_new_tokenizer_assigns_afresh():
-    first = assign_sids(["a"], np.array([[1]]), "tok-1", date(2026, 11, 1))
-    second = assign_sids(["a"], np.array([[1]]), "tok-2", date(2026, 11, 2), previous=first)
+    first, _ = assign_sids(["a"], np.array([[1]]), "tok-1", date(2026, 11, 1))
+    second, _ = assign_sids(["a"], np.array([[1]]), "tok-2", date(2026, 11, 2), previous=first)
     assert second["first_assigned"][0].as_py() == date(2026, 11, 2)
 
 
@@ -123,3 +123,93 @@ def test_quality_metrics():
     q = sid_quality(np.array([[1, 1], [1, 1], [2, 2]]), [4, 4])
     assert (q["distinct_tuples"], q["max_bucket"]) == (2, 2)
     assert q["unique_item_rate"] == pytest.approx(1 / 3)
+
+
+def test_unchanged_items_keep_their_row_byte_for_byte_even_if_encoding_differs():
+    first, _ = assign_sids(
+        ["a", "b"], np.array([[1, 2], [3, 4]]), "tok", date(2026, 11, 1), ["ha", "hb"]
+    )
+    # Same tokenizer, same content, but pretend the encoder now says otherwise: kept anyway.
+    second, stats = assign_sids(
+        ["a", "b", "c"],
+        np.array([[9, 9], [3, 4], [1, 2]]),
+        "tok",
+        date(2026, 11, 2),
+        ["ha", "hb2", "hc"],
+        previous=first,
+    )
+    rows = {r["item_id"]: r for r in second.to_pylist()}
+    assert rows["a"]["codes"] == [1, 2] and rows["a"]["first_assigned"] == date(2026, 11, 1)
+    assert rows["b"]["first_assigned"] == date(2026, 11, 1)  # changed content, same codes
+    assert rows["c"]["codes"] == [1, 2] and rows["c"]["suffix"] == 1  # "a" holds suffix 0
+    assert stats["kept_exactly"] == 1
+
+
+def test_reassign_moves_colliding_newcomers_to_the_nearest_free_last_code():
+    codes = np.array([[1, 5], [1, 5], [1, 5], [2, 0]])
+
+    def ranking(rows):
+        return np.array([[5, 6, 7, 0]] * len(rows))
+
+    table, stats = assign_sids(
+        ["a", "b", "c", "d"], codes, "tok", date(2026, 11, 1), last_level_ranking=ranking
+    )
+    rows = {r["item_id"]: r for r in table.to_pylist()}
+    assert [rows[i]["codes"] for i in "abc"] == [[1, 5], [1, 6], [1, 7]]
+    assert all(rows[i]["suffix"] == 0 for i in "abcd") and stats["reassigned"] == 2
+
+
+def test_drift_report_counts_changed_sids_per_level():
+    from sidpipe.tasks.assign import drift_report
+
+    old, _ = assign_sids(
+        ["a", "b", "c", "d"], np.array([[1, 1], [1, 2], [2, 1], [2, 2]]), "t1", date(2026, 11, 1)
+    )
+    new, _ = assign_sids(
+        ["a", "b", "c", "d"], np.array([[1, 1], [1, 3], [3, 1], [2, 2]]), "t2", date(2026, 11, 2)
+    )
+    drift = drift_report(old, new)
+    assert drift["sid_changed"] == 0.5 and drift["code_changed_per_level"] == [0.25, 0.25]
+    assert (drift["from_tokenizer"], drift["to_tokenizer"]) == ("t1", "t2")
+
+
+def test_rqkmeans_fits_encodes_and_roundtrips():
+    from sidpipe.models.rqkmeans import fit_rqkmeans
+    from sidpipe.models.tokenizer import load_tokenizer_state, save_tokenizer
+
+    x = clustered()
+    model, report = fit_rqkmeans(x, [8, 8, 8], iterations=10, seed=3)
+    codes = model.encode(x)
+    assert codes.shape == (len(x), 3) and report["method"] == "rqkmeans"
+    cos = model.reconstruction_cosine_by_depth(x)
+    assert cos[0] < cos[-1]
+    weights, config = save_tokenizer(model)
+    assert np.array_equal(load_tokenizer_state(weights, config).encode(x), codes)
+    ranking = model.last_level_ranking(x[:5])
+    assert ranking.shape == (5, 8) and (ranking[:, 0] == codes[:5, 2]).all()
+
+
+def test_bad_vectors_are_screened_with_reasons():
+    from sidpipe.models.tokenizer import screen_embeddings
+
+    x = np.ones((6, 4), np.float32)
+    x[1, 2] = np.nan
+    x[2] = 0
+    x[3] = 1e6
+    x[4, 0] = np.inf
+    keep, rejects = screen_embeddings(list("abcdef"), x)
+    assert keep == [0, 5]
+    reasons = dict(rejects)
+    assert "NaN" in reasons["b"] and "zero vector" in reasons["c"]
+    assert "median" in reasons["d"] and "infinite" in reasons["e"]
+
+
+def test_mixed_dimensions_are_a_clear_error():
+    from sidpipe.models.tokenizer import EmbeddingInputError, stack_embeddings
+
+    with pytest.raises(
+        EmbeddingInputError,
+        match=r"different dimensions: 2 \(1 rows, e.g. b\), "
+        r"3 \(2 rows, e.g. a\)",
+    ):
+        stack_embeddings([[1, 2, 3], [1, 2], [4, 5, 6]], ["a", "b", "c"])
