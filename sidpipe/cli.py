@@ -332,6 +332,54 @@ def _print_manifest(m) -> None:
 
 
 @app.command()
+def fit(
+    embeddings: Annotated[
+        str,
+        typer.Option(help="Parquet with item_id and embedding (list of floats); local or s3://."),
+    ],
+    out: Annotated[str, typer.Option(help="Output folder or s3:// prefix.")],
+    codebooks: Annotated[
+        str, typer.Option(help="Codes per level, e.g. 256,256,256.")
+    ] = "256,256,256",
+    method: Annotated[str, typer.Option(help="rqvae or rqkmeans.")] = "rqvae",
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same SIDs).")] = 42,
+    collisions: Annotated[str, typer.Option(help="suffix or reassign.")] = "suffix",
+    config: ConfigOption = None,
+) -> None:
+    """Tokenize your own embeddings: writes a tokenizer, sids.parquet, a quality report
+    (JSON, markdown, PNG) and the rows set aside (quarantine.parquet) under --out."""
+    from sidpipe.models.rqvae import CatalogTooSmallError
+    from sidpipe.models.tokenizer import EmbeddingInputError
+    from sidpipe.tasks.fit import QualityGateError, fit_from_embeddings
+
+    try:
+        sizes = [int(k) for k in codebooks.split(",") if k.strip()]
+        cfg = load_config(config)
+        tokenizer_config = cfg.tokenizer.model_validate(
+            cfg.tokenizer.model_dump()
+            | {"codebook_sizes": sizes, "method": method, "seed": seed, "collisions": collisions}
+        )
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+
+    def progress(epoch: int, epochs: int, losses: dict) -> None:
+        if epoch == epochs or epoch % max(1, epochs // 10) == 0:
+            err.print(f"epoch {epoch}/{epochs}  loss {losses.get('total', 0):.4f}")
+
+    try:
+        quality = fit_from_embeddings(embeddings, out, tokenizer_config, progress)
+    except (FileNotFoundError, EmbeddingInputError, CatalogTooSmallError, QualityGateError) as exc:
+        raise _fail(str(exc)) from None
+    from sidpipe.models.sids import quality_markdown
+
+    console.print(Markdown(quality_markdown(quality)))
+    console.print(
+        f"wrote tokenizer/, sids.parquet, quality.json|md|png, quarantine.parquet "
+        f"({quality['quarantined']:,} rows) to {out}"
+    )
+
+
+@app.command()
 def tokenizers(
     catalog: Annotated[str, typer.Argument(help="Catalog name.")],
     store: StoreOption = None,

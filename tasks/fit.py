@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 from prefect import get_run_logger, task
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
@@ -273,3 +274,128 @@ def fit_task(config: PipelineConfig, run: RunInfo, embed: StageOutcome) -> FitOu
             )
 
     return fit_stage(ArtifactStore(config.store), run, embed, config.tokenizer, progress)
+
+
+def fit_from_embeddings(
+    embeddings_uri: str,
+    out_uri: str,
+    config: TokenizerConfig,
+    progress=None,
+) -> dict:
+    """`sidpipe fit`: tokenize a Parquet of (item_id, embedding) into a folder or s3:// prefix.
+
+    Writes tokenizer/ (model.safetensors, config.json, tokens.txt), sids.parquet, quality.json,
+    quality.md, quality.png and quarantine.parquet (rows set aside, with reasons). Returns the
+    quality report.
+    """
+    import pyarrow as pa
+
+    from sidpipe.models.sids import quality_markdown, suffix_tokens
+    from sidpipe.models.tokenizer import read_embeddings_parquet, stack_embeddings
+    from sidpipe.storage.store import open_filesystem
+    from sidpipe.tasks.assign import assign_sids
+
+    fs, path = open_filesystem(embeddings_uri)
+    try:
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"embeddings file not found: {embeddings_uri}") from None
+    ids, vectors = read_embeddings_parquet(data)
+    quarantine: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    unique = []
+    for i, item_id in enumerate(ids):
+        if item_id in seen:
+            quarantine.append((item_id, "duplicate item_id (the first row is kept)"))
+        elif vectors[i] is None:
+            quarantine.append((item_id, "no embedding"))
+            seen.add(item_id)
+        else:
+            seen.add(item_id)
+            unique.append(i)
+    ids, vectors = [ids[i] for i in unique], [vectors[i] for i in unique]
+    x = stack_embeddings(vectors, ids)
+    keep, rejects = screen_embeddings(ids, x)
+    quarantine += rejects
+    ids, x = [ids[i] for i in keep], x[keep]
+
+    sizes, message = size_codebooks(
+        len(x), config.codebook_sizes, config.min_points_per_code, config.small_catalog
+    )
+    if message:
+        log.warning("fit: %s", message)
+    tokenizer, report = fit_tokenizer(x, config.method, sizes, config, progress)
+    codes = tokenizer.encode(x)
+    quality = sid_quality(codes, sizes)
+    quality["reconstruction_cosine_by_depth"] = tokenizer.reconstruction_cosine_by_depth(x)
+    check_gates(quality, config)
+    tokenizer_id = f"{config.method}-{stable_hash({'data': hash_strings(ids), 'sizes': sizes, 'settings': config.model_dump()}, 16)}"
+    ranking = None
+    if config.collisions == "reassign":
+
+        def ranking(rows):
+            return tokenizer.last_level_ranking(x[rows])
+
+    table, stats = assign_sids(ids, codes, tokenizer_id, utcnow().date(), None, None, ranking)
+    suffixes = table["suffix"].to_numpy()
+    final_codes = np.asarray(table["codes"].to_pylist(), np.int32).reshape(len(ids), len(sizes))
+    final = sid_quality(final_codes, sizes)
+    final |= {
+        "tokenizer_id": tokenizer_id,
+        "method": config.method,
+        "codebook_sizes": sizes,
+        "collisions": {
+            "mode": config.collisions,
+            "reassigned": stats["reassigned"],
+            "before": {
+                k: quality[k]
+                for k in ("distinct_tuple_rate", "unique_item_rate", "max_bucket", "bucket_gini")
+            },
+        },
+        "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
+        "items_with_suffix": int((suffixes > 0).sum()),
+        "reconstruction_cosine_by_depth": quality["reconstruction_cosine_by_depth"],
+        "sizing_message": message,
+        "quarantined": len(quarantine),
+        "fit_seconds": report.get("seconds"),
+    }
+
+    out = ArtifactStore(out_uri)
+    weights, model_config = save_tokenizer(tokenizer)
+    out.write_bytes(weights, "tokenizer", "model.safetensors")
+    out.write_text(
+        "\n".join(codebook_tokens(sizes) + suffix_tokens(len(sizes), final["max_suffix"])) + "\n",
+        "tokenizer",
+        "tokens.txt",
+    )
+    out.write_parquet(table, "sids.parquet")
+    out.write_parquet(
+        pa.table(
+            {"item_id": [q[0] for q in quarantine], "reason": [q[1] for q in quarantine]},
+            schema=pa.schema([("item_id", pa.string()), ("reason", pa.string())]),
+        ),
+        "quarantine.parquet",
+    )
+    out.write_json(final, "quality.json")
+    out.write_text(quality_markdown(final) + "\n", "quality.md")
+    out.write_bytes(
+        quality_png(final_codes, final, f"{tokenizer_id} ({len(ids):,} items)"), "quality.png"
+    )
+    out.write_json(
+        {
+            "tokenizer_id": tokenizer_id,
+            "method": config.method,
+            "model": model_config,
+            "codebook_sizes": sizes,
+            "requested_codebook_sizes": config.codebook_sizes,
+            "sizing_message": message,
+            "settings": config.model_dump(),
+            "embeddings": embeddings_uri,
+            "items": len(ids),
+            "report": report,
+            "created_at": utcnow().isoformat(),
+        },
+        "tokenizer",
+        "config.json",
+    )
+    return final
