@@ -56,6 +56,13 @@ class RQKMeans:
         out = [self._quantize(x[i : i + batch_size])[0] for i in range(0, len(x), batch_size)]
         return np.concatenate(out) if out else np.zeros((0, len(self.codebooks)), np.int32)
 
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Embeddings reconstructed from code tuples [N, L]."""
+        out = np.broadcast_to(self.mean, (len(codes), self.mean.shape[0])).copy()
+        for level, codebook in enumerate(self.codebooks):
+            out += codebook[np.asarray(codes)[:, level]]
+        return out
+
     def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
         """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
         import faiss
@@ -100,9 +107,26 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-12)
 
 
+def _nearest(codebook: np.ndarray, v: np.ndarray) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexFlatL2(codebook.shape[1])
+    index.add(np.ascontiguousarray(codebook, np.float32))
+    _, idx = index.search(np.ascontiguousarray(v, np.float32), 1)
+    return idx[:, 0]
+
+
 def fit_rqkmeans(
-    x: np.ndarray, codebook_sizes: list[int], iterations: int = 25, seed: int = 42
+    x: np.ndarray,
+    codebook_sizes: list[int],
+    iterations: int = 25,
+    seed: int = 42,
+    refine_rounds: int = 3,
 ) -> tuple[RQKMeans, dict]:
+    """Residual k-means, then `refine_rounds` of coordinate descent: each level's codebook is
+    re-estimated as the mean of what the *other* levels leave of its items, and every item is
+    re-encoded greedily. Greedy re-encoding can undo a round's gain, so the codebooks of the
+    round with the lowest reconstruction error are kept."""
     started = time.perf_counter()
     x = np.ascontiguousarray(x, np.float32)
     mean = x.mean(axis=0)
@@ -111,17 +135,38 @@ def fit_rqkmeans(
     for level, k in enumerate(codebook_sizes):
         centroids, device = kmeans(residual, k, iterations, seed + level)
         books.append(centroids)
-        import faiss
-
-        index = faiss.IndexFlatL2(centroids.shape[1])
-        index.add(centroids)
-        _, idx = index.search(residual, 1)
-        residual = residual - centroids[idx[:, 0]]
+        residual = residual - centroids[_nearest(centroids, residual)]
     model = RQKMeans(RQKMeansConfig(x.shape[1], list(codebook_sizes)), mean, books)
+
+    errors = [float(np.mean(np.sum(residual**2, axis=1)))]
+    best = [b.copy() for b in model.codebooks]
+    for _ in range(refine_rounds):
+        codes = model.encode(x)
+        chosen = [book[codes[:, level]] for level, book in enumerate(model.codebooks)]
+        total = sum(chosen)
+        for level, k in enumerate(codebook_sizes):
+            target = x - mean - (total - chosen[level])
+            sums = np.zeros((k, x.shape[1]), np.float64)
+            np.add.at(sums, codes[:, level], target)
+            counts = np.bincount(codes[:, level], minlength=k)
+            used = counts > 0  # an unused code keeps its centroid
+            model.codebooks[level][used] = (sums[used] / counts[used, None]).astype(np.float32)
+            new = model.codebooks[level][codes[:, level]]
+            total = total - chosen[level] + new
+            chosen[level] = new
+        codes = model.encode(x)
+        x_hat = model.decode(codes)
+        errors.append(float(np.mean(np.sum((x - x_hat) ** 2, axis=1))))
+        if errors[-1] < min(errors[:-1]):
+            best = [b.copy() for b in model.codebooks]
+    model.codebooks = best
     return model, {
         "method": "rqkmeans",
         "codebook_sizes": list(codebook_sizes),
         "kmeans_iterations": iterations,
         "kmeans_device": device,
+        "refine_rounds": refine_rounds,
+        "mse_by_round": errors,
+        "kept_round": int(np.argmin(errors)),
         "seconds": time.perf_counter() - started,
     }

@@ -70,11 +70,13 @@ class RQVAEConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 150
-    batch_size: int = 512
-    learning_rate: float = 1e-3
+    epochs: int = 60
+    batch_size: int = 1024
+    learning_rate: float = 3e-3
     kmeans_iterations: int = 25
     seed: int = 42
+    validation_share: float = 0.05  # held out for early stopping (none below 200 items)
+    patience: int = 10  # epochs without a better held-out loss before stopping
 
 
 def _mlp(dims: list[int]) -> nn.Sequential:
@@ -161,6 +163,14 @@ class RQVAE(nn.Module):
         return np.concatenate(out) if out else np.zeros((0, self.levels), np.int32)
 
     @torch.no_grad()
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        """Embeddings reconstructed from code tuples [N, L] (in the input's scale)."""
+        self.eval()
+        idx = torch.from_numpy(np.asarray(codes, dtype=np.int64))
+        z_q = sum(book[idx[:, level]] for level, book in enumerate(self.codebooks))
+        return (self.decoder(z_q) * self.std + self.mean).numpy()
+
+    @torch.no_grad()
     def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
         """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
         self.eval()
@@ -216,6 +226,7 @@ class FitReport:
     kmeans_device: str
     dead_code_restarts: list[int]
     history: list[dict[str, float]]
+    best_epoch: int = -1  # the epoch whose weights were kept (-1: no held-out split)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -250,7 +261,12 @@ def fit_rqvae(
         residual = residual - centroids[idx.numpy()]
 
     optimizer = torch.optim.Adam(model.parameters(), lr=train.learning_rate)
-    n = len(x)
+    # A held-out split decides when to stop and which epoch's weights to keep.
+    shuffled = rng.permutation(len(x))
+    n_val = int(len(x) * train.validation_share) if len(x) >= 200 else 0
+    val_x, xt = xt[torch.from_numpy(shuffled[:n_val])], xt[torch.from_numpy(shuffled[n_val:])]
+    best_loss, best_epoch, best_state = float("inf"), -1, None
+    n = len(xt)
     batch = min(train.batch_size, n)
     history: list[dict[str, float]] = []
     restarts: list[int] = [0] * model.levels
@@ -285,12 +301,24 @@ def fit_rqvae(
                         pick = torch.from_numpy(rng.integers(0, len(pool), len(dead)))
                         model.codebooks[level].data[dead] = pool[pick]
                         restarts[level] += len(dead)
+        if n_val:
+            with torch.no_grad():
+                model.eval()
+                losses["validation"] = model(val_x)[1]["total"].item()
+            if losses["validation"] < best_loss - 1e-6:
+                best_loss, best_epoch = losses["validation"], epoch
+                best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         history.append({"epoch": epoch, **losses})
         if progress is not None:
             progress(epoch + 1, train.epochs, losses)
+        if n_val and epoch - best_epoch >= train.patience:
+            break
+    if best_state is not None:
+        model.load_state_dict(best_state)
     report = FitReport(
         codebook_sizes=list(model_config.codebook_sizes),
-        epochs=train.epochs,
+        epochs=len(history),
+        best_epoch=best_epoch,
         seconds=time.perf_counter() - started,
         final_losses=losses,
         kmeans_device=device,

@@ -29,6 +29,19 @@ class Tokenizer(Protocol):
 
     def reconstruction_cosine_by_depth(self, x: np.ndarray) -> list[float]: ...
 
+    def decode(self, codes: np.ndarray) -> np.ndarray: ...
+
+    def last_level_ranking(self, x: np.ndarray) -> np.ndarray: ...
+
+
+def reconstruction_cosine(tokenizer: Tokenizer, x: np.ndarray, codes: np.ndarray) -> float:
+    """Mean cosine between items and their reconstruction from the codes they were given
+    (which, after collision reassignment, are not always the nearest ones)."""
+    x_hat = tokenizer.decode(codes)
+    num = (x_hat * x).sum(axis=1)
+    den = np.linalg.norm(x_hat, axis=1) * np.linalg.norm(x, axis=1)
+    return float(np.mean(num / np.maximum(den, 1e-12)))
+
 
 class EmbeddingInputError(ValueError):
     """Embeddings that cannot be tokenized at all (e.g. rows of different dimensions)."""
@@ -76,7 +89,9 @@ def fit_tokenizer(
 ) -> tuple[Tokenizer, dict]:
     """Fit a tokenizer of `method` on x [N, D]; `settings` is a TokenizerConfig."""
     if method == "rqkmeans":
-        return fit_rqkmeans(x, codebook_sizes, settings.kmeans_iterations, settings.seed)
+        return fit_rqkmeans(
+            x, codebook_sizes, settings.kmeans_iterations, settings.seed, settings.refine_rounds
+        )
     if method == "rqvae":
         model, report = fit_rqvae(
             x,
@@ -93,6 +108,8 @@ def fit_tokenizer(
                 learning_rate=settings.learning_rate,
                 kmeans_iterations=settings.kmeans_iterations,
                 seed=settings.seed,
+                validation_share=settings.validation_share,
+                patience=settings.patience,
             ),
             progress=progress,
         )

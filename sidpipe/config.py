@@ -161,11 +161,18 @@ class TokenizerConfig(_Section):
     )
     hidden_dims: list[int] = Field(default=[512, 256])
     latent_dim: int = Field(default=64, ge=2)
-    epochs: int = Field(default=150, ge=0)
-    batch_size: int = Field(default=512, ge=1)
-    learning_rate: float = Field(default=1e-3, gt=0)
+    epochs: int = Field(default=60, ge=0, description="RQ-VAE: most epochs (early stopping).")
+    batch_size: int = Field(default=1024, ge=1)
+    learning_rate: float = Field(default=3e-3, gt=0)
     commitment_weight: float = Field(default=0.25, ge=0)
+    validation_share: float = Field(
+        default=0.05, ge=0, lt=0.5, description="RQ-VAE: held out for early stopping."
+    )
+    patience: int = Field(default=10, ge=1, description="RQ-VAE: epochs without improvement.")
     kmeans_iterations: int = Field(default=25, ge=1)
+    refine_rounds: int = Field(
+        default=3, ge=0, description="RQ-KMeans: coordinate-descent rounds after k-means."
+    )
     seed: int = 42
 
     @field_validator("codebook_sizes")

@@ -213,3 +213,26 @@ def test_mixed_dimensions_are_a_clear_error():
         r"3 \(2 rows, e.g. a\)",
     ):
         stack_embeddings([[1, 2, 3], [1, 2], [4, 5, 6]], ["a", "b", "c"])
+
+
+def test_rqvae_stops_early_on_the_held_out_split_and_keeps_the_best_epoch():
+    x = clustered(800)
+    model, report = fit_rqvae(
+        x,
+        RQVAEConfig(x.shape[1], [8, 8, 8], hidden_dims=[32], latent_dim=8),
+        TrainConfig(epochs=400, batch_size=128, learning_rate=3e-3, patience=3, seed=1),
+    )
+    assert report.epochs < 400
+    assert 0 <= report.best_epoch == report.epochs - 1 - 3
+    assert "validation" in report.final_losses
+
+
+def test_rqkmeans_refinement_lowers_the_reconstruction_error():
+    from sidpipe.models.rqkmeans import fit_rqkmeans
+
+    x = clustered(600, centers=30)
+    model, report = fit_rqkmeans(x, [8, 8, 8], iterations=5, refine_rounds=4)
+    errors = report["mse_by_round"]
+    assert len(errors) == 5 and min(errors) < errors[0]
+    kept = float(np.mean(np.sum((x - model.decode(model.encode(x))) ** 2, axis=1)))
+    assert kept == pytest.approx(min(errors), rel=1e-5)  # the best round's codebooks are kept
