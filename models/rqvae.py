@@ -12,6 +12,7 @@ Deterministic on CPU for a given seed. Knows nothing about items, files or Prefe
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -22,6 +23,18 @@ import torch
 from torch import nn
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def reproducible_threads():
+    """One torch thread inside: with two, CPU results differed between processes in the last
+    bits (measured), which flips some argmin codes; SIDs must be the same on every run."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class CatalogTooSmallError(ValueError):
@@ -154,6 +167,10 @@ class RQVAE(nn.Module):
     @torch.no_grad()
     def encode(self, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
         """Code tuples [N, L] (int32) for embeddings [N, D]."""
+        with reproducible_threads():
+            return self._encode(x, batch_size)
+
+    def _encode(self, x: np.ndarray, batch_size: int) -> np.ndarray:
         self.eval()
         out = []
         for start in range(0, len(x), batch_size):
@@ -239,6 +256,11 @@ def fit_rqvae(
     progress: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> tuple[RQVAE, FitReport]:
     """Train an RQ-VAE on embeddings x [N, D]. Deterministic on CPU for a given seed."""
+    with reproducible_threads():
+        return _fit_rqvae(x, model_config, train, progress)
+
+
+def _fit_rqvae(x, model_config, train, progress):
     import time
 
     started = time.perf_counter()
@@ -304,7 +326,8 @@ def fit_rqvae(
         if n_val:
             with torch.no_grad():
                 model.eval()
-                losses["validation"] = model(val_x)[1]["total"].item()
+                # Reconstruction, not the total: the codebook terms grow as the encoder moves.
+                losses["validation"] = model(val_x)[1]["reconstruction"].item()
             if losses["validation"] < best_loss - 1e-6:
                 best_loss, best_epoch = losses["validation"], epoch
                 best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -105,6 +105,11 @@ def quality_markdown(quality: dict) -> str:
         f"{quality['max_suffix']})",
         f"- reconstruction cosine by depth: {cos}",
     ]
+    if "reconstruction_cosine" in quality:
+        lines.append(
+            f"- reconstruction cosine of the codes items were given: "
+            f"{quality['reconstruction_cosine']:.3f}"
+        )
     collisions = quality.get("collisions")
     if collisions:
         b = collisions["before"]

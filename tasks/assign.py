@@ -33,6 +33,7 @@ from sidpipe.models.sids import (
     sid_string,
     suffix_tokens,
 )
+from sidpipe.models.tokenizer import reconstruction_cosine
 from sidpipe.storage.manifest import StageStats, latest_published, staging_dir
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.embed import load_embeddings
@@ -247,6 +248,8 @@ def assign_stage(
         "kept_from_previous_run": stats["kept_exactly"],
         "encoded_this_run": stats["encoded"],
         "reconstruction_cosine_by_depth": tokenizer.reconstruction_cosine_by_depth(x),
+        # Of the codes items were actually given (after any reassignment):
+        "reconstruction_cosine": reconstruction_cosine(tokenizer, x, final_codes),
         "sizing_message": fit.sizing_message,
     }
     if (

@@ -30,6 +30,7 @@ from sidpipe.models.tokenizer import (
     Tokenizer,
     fit_tokenizer,
     load_tokenizer_state,
+    reconstruction_cosine,
     save_tokenizer,
     screen_embeddings,
 )
@@ -355,6 +356,7 @@ def fit_from_embeddings(
         "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
         "items_with_suffix": int((suffixes > 0).sum()),
         "reconstruction_cosine_by_depth": quality["reconstruction_cosine_by_depth"],
+        "reconstruction_cosine": reconstruction_cosine(tokenizer, x, final_codes),
         "sizing_message": message,
         "quarantined": len(quarantine),
         "fit_seconds": report.get("seconds"),

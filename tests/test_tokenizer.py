@@ -236,3 +236,24 @@ def test_rqkmeans_refinement_lowers_the_reconstruction_error():
     assert len(errors) == 5 and min(errors) < errors[0]
     kept = float(np.mean(np.sum((x - model.decode(model.encode(x))) ** 2, axis=1)))
     assert kept == pytest.approx(min(errors), rel=1e-5)  # the best round's codebooks are kept
+
+
+def test_rqvae_codes_are_identical_across_processes():
+    """Two processes, same data and seed, same codes (in-process repeats hid a threading
+    nondeterminism once)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import hashlib, numpy as np\n"
+        "from test_tokenizer import clustered\n"
+        "from sidpipe.models.rqvae import RQVAEConfig, TrainConfig, fit_rqvae\n"
+        "x = clustered(3000, dim=48, centers=60)\n"
+        "m, _ = fit_rqvae(x, RQVAEConfig(48, [16, 16, 16], hidden_dims=[128], latent_dim=16),\n"
+        "                 TrainConfig(epochs=6, batch_size=256, seed=5))\n"
+        "print(hashlib.sha256(m.encode(x).tobytes()).hexdigest())\n"
+    )
+    here = str(__import__("pathlib").Path(__file__).parent)
+    runs = {subprocess.run([sys.executable, "-c", script], cwd=here, capture_output=True,
+                           text=True, check=True).stdout.strip() for _ in range(2)}
+    assert len(runs) == 1
