@@ -79,6 +79,8 @@ class RQVAEConfig:
     hidden_dims: list[int] = field(default_factory=lambda: [512, 256])
     latent_dim: int = 64
     commitment_weight: float = 0.25
+    codebook_update: str = "gradient"  # "gradient" (codebook loss) or "ema" (moving averages)
+    ema_decay: float = 0.99
 
 
 @dataclass
@@ -111,9 +113,19 @@ class RQVAE(nn.Module):
         self.register_buffer("std", torch.ones(config.input_dim))
         self.encoder = _mlp([config.input_dim, *config.hidden_dims, config.latent_dim])
         self.decoder = _mlp([config.latent_dim, *reversed(config.hidden_dims), config.input_dim])
+        ema = config.codebook_update == "ema"
         self.codebooks = nn.ParameterList(
-            [nn.Parameter(torch.zeros(k, config.latent_dim)) for k in config.codebook_sizes]
+            [
+                nn.Parameter(torch.zeros(k, config.latent_dim), requires_grad=not ema)
+                for k in config.codebook_sizes
+            ]
         )
+        if ema:
+            # Per code: a moving count of the items that chose it and of their residuals' sum.
+            for level, k in enumerate(config.codebook_sizes):
+                self.register_buffer(f"ema_count_{level}", torch.ones(k))
+                self.register_buffer(f"ema_sum_{level}", torch.zeros(k, config.latent_dim))
+        self._last_residuals: list[torch.Tensor] = []
 
     @property
     def levels(self) -> int:
@@ -161,8 +173,35 @@ class RQVAE(nn.Module):
             "codebook": codebook_loss,
             "commitment": commitment,
         }
-        losses["total"] = recon + codebook_loss + self.config.commitment_weight * commitment
+        codebook_term = 0.0 if self.config.codebook_update == "ema" else codebook_loss
+        losses["total"] = recon + codebook_term + self.config.commitment_weight * commitment
+        self._last_residuals = [r.detach() for r in residuals]
         return z_st, losses, codes
+
+    @torch.no_grad()
+    def reset_ema(self, level: int, codes: torch.Tensor) -> None:
+        """Restart the moving averages of codes that were just (re)initialized, so stale
+        statistics cannot pull them back (espnet #6284's bug)."""
+        if self.config.codebook_update != "ema":
+            return
+        getattr(self, f"ema_count_{level}")[codes] = 1.0
+        getattr(self, f"ema_sum_{level}")[codes] = self.codebooks[level].data[codes]
+
+    @torch.no_grad()
+    def ema_update(self, codes: torch.Tensor) -> None:
+        """Move each used codeword towards the mean residual of the items that chose it."""
+        decay = self.config.ema_decay
+        for level, book in enumerate(self.codebooks):
+            residual = self._last_residuals[level]
+            count = getattr(self, f"ema_count_{level}")
+            total = getattr(self, f"ema_sum_{level}")
+            chosen = torch.bincount(codes[:, level], minlength=len(book)).to(count.dtype)
+            sums = torch.zeros_like(total).index_add_(0, codes[:, level], residual)
+            count.mul_(decay).add_(chosen, alpha=1 - decay)
+            total.mul_(decay).add_(sums, alpha=1 - decay)
+            n = count.sum()
+            smoothed = (count + 1e-5) / (n + len(book) * 1e-5) * n  # Laplace: no division by 0
+            book.data.copy_(total / smoothed[:, None])
 
     @torch.no_grad()
     def encode(self, x: np.ndarray, batch_size: int = 8192) -> np.ndarray:
@@ -279,10 +318,13 @@ def _fit_rqvae(x, model_config, train, progress):
     for level, k in enumerate(model_config.codebook_sizes):
         centroids, device = kmeans(residual, k, train.kmeans_iterations, train.seed + level)
         model.codebooks[level].data.copy_(torch.from_numpy(centroids))
+        model.reset_ema(level, torch.arange(k))
         idx = torch.cdist(torch.from_numpy(residual), torch.from_numpy(centroids)).argmin(1)
         residual = residual - centroids[idx.numpy()]
 
-    optimizer = torch.optim.Adam(model.parameters(), lr=train.learning_rate)
+    optimizer = torch.optim.Adam(
+        [p for p in model.parameters() if p.requires_grad], lr=train.learning_rate
+    )
     # A held-out split decides when to stop and which epoch's weights to keep.
     shuffled = rng.permutation(len(x))
     n_val = int(len(x) * train.validation_share) if len(x) >= 200 else 0
@@ -304,6 +346,8 @@ def _fit_rqvae(x, model_config, train, progress):
             optimizer.zero_grad(set_to_none=True)
             step_losses["total"].backward()
             optimizer.step()
+            if model_config.codebook_update == "ema":
+                model.ema_update(codes)
             for level in range(model.levels):
                 usage[level] += torch.bincount(codes[:, level], minlength=len(usage[level]))
             for name, value in step_losses.items():
@@ -322,6 +366,7 @@ def _fit_rqvae(x, model_config, train, progress):
                         pool = pools[level]
                         pick = torch.from_numpy(rng.integers(0, len(pool), len(dead)))
                         model.codebooks[level].data[dead] = pool[pick]
+                        model.reset_ema(level, dead)
                         restarts[level] += len(dead)
         if n_val:
             with torch.no_grad():

@@ -101,6 +101,8 @@ def fit_tokenizer(
                 hidden_dims=list(settings.hidden_dims),
                 latent_dim=settings.latent_dim,
                 commitment_weight=settings.commitment_weight,
+                codebook_update=settings.codebook_update,
+                ema_decay=settings.ema_decay,
             ),
             TrainConfig(
                 epochs=settings.epochs,

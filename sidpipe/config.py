@@ -165,6 +165,11 @@ class TokenizerConfig(_Section):
     batch_size: int = Field(default=1024, ge=1)
     learning_rate: float = Field(default=3e-3, gt=0)
     commitment_weight: float = Field(default=0.25, ge=0)
+    codebook_update: Literal["gradient", "ema"] = Field(
+        default="gradient",
+        description="RQ-VAE codebooks: learned by their loss, or moving averages (EMA).",
+    )
+    ema_decay: float = Field(default=0.99, gt=0, lt=1)
     validation_share: float = Field(
         default=0.05, ge=0, lt=0.5, description="RQ-VAE: held out for early stopping."
     )

@@ -4,6 +4,7 @@ from datetime import date
 
 import numpy as np
 import pytest
+import torch
 
 from sidpipe.models.rqvae import (
     CatalogTooSmallError,
@@ -254,6 +255,32 @@ def test_rqvae_codes_are_identical_across_processes():
         "print(hashlib.sha256(m.encode(x).tobytes()).hexdigest())\n"
     )
     here = str(__import__("pathlib").Path(__file__).parent)
-    runs = {subprocess.run([sys.executable, "-c", script], cwd=here, capture_output=True,
-                           text=True, check=True).stdout.strip() for _ in range(2)}
+    runs = {
+        subprocess.run(
+            [sys.executable, "-c", script], cwd=here, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        for _ in range(2)
+    }
     assert len(runs) == 1
+
+
+def test_ema_codebooks_learn_without_gradients_and_survive_a_roundtrip():
+    x = clustered()
+    config = RQVAEConfig(
+        x.shape[1], [8, 8, 8], hidden_dims=[32], latent_dim=8, codebook_update="ema"
+    )
+    model, report = fit_rqvae(
+        x, config, TrainConfig(epochs=30, batch_size=128, seed=2, learning_rate=3e-3)
+    )
+    assert not any(book.requires_grad for book in model.codebooks)
+    assert model.ema_count_0.sum() > 0  # moving statistics were kept
+    cos = model.reconstruction_cosine_by_depth(x)
+    assert cos[-1] > 0.8
+    weights, saved = save_rqvae(model)
+    assert np.array_equal(load_rqvae(weights, saved).encode(x), model.encode(x))
+    # Restarted codes take a fresh count, not the dead code's history.
+    model.ema_count_1[:] = 0.0
+    model.reset_ema(1, torch.tensor([2, 3]))
+    assert model.ema_count_1[2] == 1.0 and torch.equal(
+        model.ema_sum_1[3], model.codebooks[1].data[3]
+    )
