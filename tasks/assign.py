@@ -182,6 +182,36 @@ def drift_report(previous: pa.Table, current: pa.Table) -> dict:
     }
 
 
+def table_quality(
+    table: pa.Table, stats: dict, tokenizer, x: np.ndarray, codebook_sizes: list[int], mode: str
+) -> tuple[np.ndarray, dict]:
+    """The final code matrix and the quality report of a SID table, with the collision picture
+    before (the tokenizer's raw codes) and after (the codes items were given)."""
+    final_codes = np.asarray(table["codes"].to_pylist(), dtype=np.int32).reshape(
+        table.num_rows, len(codebook_sizes)
+    )
+    quality = sid_quality(final_codes, codebook_sizes)
+    before = sid_quality(stats["raw_codes"], codebook_sizes)
+    suffixes = table["suffix"].to_numpy()
+    quality |= {
+        "codebook_sizes": codebook_sizes,
+        "collisions": {
+            "mode": mode,
+            "before": {
+                k: before[k]
+                for k in ("distinct_tuple_rate", "unique_item_rate", "max_bucket", "bucket_gini")
+            },
+            "reassigned": stats["reassigned"],
+        },
+        "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
+        "items_with_suffix": int((suffixes > 0).sum()),
+        "reconstruction_cosine_by_depth": tokenizer.reconstruction_cosine_by_depth(x),
+        # Of the codes items were actually given (after any reassignment):
+        "reconstruction_cosine": reconstruction_cosine(tokenizer, x, final_codes),
+    }
+    return final_codes, quality
+
+
 class AssignOutcome(StageOutcome):
     assigned: int = 0
     quality: dict = {}
@@ -225,31 +255,14 @@ def assign_stage(
         ranking,
     )
 
-    final_codes = np.asarray(table["codes"].to_pylist(), dtype=np.int32).reshape(
-        len(item_ids), len(fit.codebook_sizes)
+    final_codes, quality = table_quality(
+        table, stats, tokenizer, x, fit.codebook_sizes, config.collisions
     )
-    quality = sid_quality(final_codes, fit.codebook_sizes)
-    before = sid_quality(stats["raw_codes"], fit.codebook_sizes)
-    suffixes = table["suffix"].to_numpy()
     quality |= {
         "tokenizer_id": fit.tokenizer_id,
         "method": fit.method,
-        "codebook_sizes": fit.codebook_sizes,
-        "collisions": {
-            "mode": config.collisions,
-            "before": {
-                k: before[k]
-                for k in ("distinct_tuple_rate", "unique_item_rate", "max_bucket", "bucket_gini")
-            },
-            "reassigned": stats["reassigned"],
-        },
-        "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
-        "items_with_suffix": int((suffixes > 0).sum()),
         "kept_from_previous_run": stats["kept_exactly"],
         "encoded_this_run": stats["encoded"],
-        "reconstruction_cosine_by_depth": tokenizer.reconstruction_cosine_by_depth(x),
-        # Of the codes items were actually given (after any reassignment):
-        "reconstruction_cosine": reconstruction_cosine(tokenizer, x, final_codes),
         "sizing_message": fit.sizing_message,
     }
     if (

@@ -28,7 +28,7 @@ from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.enrich import endpoint_settings
-from sidpipe.tasks.ingest import IngestOutcome
+from sidpipe.tasks.ingest import IngestOutcome, attribute_text
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
     RunInfo,
@@ -60,7 +60,7 @@ def item_text(
         parts.append(f"Image: {caption}")
     if interests:
         parts.append("Interests: " + ", ".join(interests))
-    attrs = "; ".join(f"{k}: {item[k]}" for k in attributes if item.get(k) not in (None, ""))
+    attrs = attribute_text(item, attributes)
     if attrs:
         parts.append(attrs)
     return ". ".join(p for p in parts if p)

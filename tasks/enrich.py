@@ -52,7 +52,7 @@ from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.ingest import IngestOutcome
+from sidpipe.tasks.ingest import IngestOutcome, attribute_text
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
     RunInfo,
@@ -85,6 +85,17 @@ def endpoint_settings(config: ModelEndpointConfig, default_model: str = "") -> E
         max_retries=config.max_retries,
         api_key=config.api_key.get_secret_value() if config.api_key else None,
     )
+
+
+def model_key(config: ModelEndpointConfig) -> dict[str, Any]:
+    """What of a model stage's settings changes its answers: part of its cache key."""
+    return {
+        "model": config.model,
+        "revision": config.revision,
+        "prompt_version": config.prompt_version,
+        "temperature": config.temperature,
+        "max_tokens": config.max_tokens,
+    }
 
 
 def check_endpoints(config: PipelineConfig) -> None:
@@ -250,14 +261,7 @@ def caption_stage(
         # The cache key holds the image's content fingerprint, not its location.
         key_fields = {"image": item["image_fingerprint"], "title": item["title"]}
         inputs.append((item["item_id"], key_fields, {**key_fields, "uri": item["image"]}))
-    params = {
-        "model": config.model,
-        "revision": config.revision,
-        "prompt_version": config.prompt_version,
-        "temperature": config.temperature,
-        "max_tokens": config.max_tokens,
-        "max_pixels": config.max_pixels,
-    }
+    params = {**model_key(config), "max_pixels": config.max_pixels}
 
     async def worker(client: OpenAICompatClient, inp: dict[str, Any]) -> dict[str, Any]:
         image_url = await asyncio.to_thread(
@@ -316,7 +320,7 @@ def interests_stage(
     for item in items.to_pylist():
         if item["item_id"] in exclude:
             continue
-        attrs = "; ".join(f"{k}: {item[k]}" for k in attributes if item.get(k) not in (None, ""))
+        attrs = attribute_text(item, attributes)
         fields = {
             "title": item.get("title"),
             "description": item.get("description"),
@@ -324,14 +328,7 @@ def interests_stage(
             "attributes": attrs or None,
         }
         inputs.append((item["item_id"], fields, fields))
-    params = {
-        "model": config.model,
-        "revision": config.revision,
-        "prompt_version": config.prompt_version,
-        "temperature": config.temperature,
-        "max_tokens": config.max_tokens,
-        "schema": stable_hash(INTERESTS_SCHEMA, 12),
-    }
+    params = {**model_key(config), "schema": stable_hash(INTERESTS_SCHEMA, 12)}
     if config.structured_output == "response_format":
         constraint = {
             "response_format": {

@@ -20,7 +20,6 @@ from __future__ import annotations
 import logging
 import time
 
-import numpy as np
 from prefect import get_run_logger, task
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
@@ -30,7 +29,6 @@ from sidpipe.models.tokenizer import (
     Tokenizer,
     fit_tokenizer,
     load_tokenizer_state,
-    reconstruction_cosine,
     save_tokenizer,
     screen_embeddings,
 )
@@ -294,7 +292,7 @@ def fit_from_embeddings(
     from sidpipe.models.sids import quality_markdown, suffix_tokens
     from sidpipe.models.tokenizer import read_embeddings_parquet, stack_embeddings
     from sidpipe.storage.store import open_filesystem
-    from sidpipe.tasks.assign import assign_sids
+    from sidpipe.tasks.assign import assign_sids, table_quality
 
     fs, path = open_filesystem(embeddings_uri)
     try:
@@ -338,25 +336,10 @@ def fit_from_embeddings(
             return tokenizer.last_level_ranking(x[rows])
 
     table, stats = assign_sids(ids, codes, tokenizer_id, utcnow().date(), None, None, ranking)
-    suffixes = table["suffix"].to_numpy()
-    final_codes = np.asarray(table["codes"].to_pylist(), np.int32).reshape(len(ids), len(sizes))
-    final = sid_quality(final_codes, sizes)
+    final_codes, final = table_quality(table, stats, tokenizer, x, sizes, config.collisions)
     final |= {
         "tokenizer_id": tokenizer_id,
         "method": config.method,
-        "codebook_sizes": sizes,
-        "collisions": {
-            "mode": config.collisions,
-            "reassigned": stats["reassigned"],
-            "before": {
-                k: quality[k]
-                for k in ("distinct_tuple_rate", "unique_item_rate", "max_bucket", "bucket_gini")
-            },
-        },
-        "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
-        "items_with_suffix": int((suffixes > 0).sum()),
-        "reconstruction_cosine_by_depth": quality["reconstruction_cosine_by_depth"],
-        "reconstruction_cosine": reconstruction_cosine(tokenizer, x, final_codes),
         "sizing_message": message,
         "quarantined": len(quarantine),
         "fit_seconds": report.get("seconds"),

@@ -372,6 +372,11 @@ def validate_rows(
     return items, quarantine, attribute_columns
 
 
+def attribute_text(item: dict[str, Any], attributes: list[str]) -> str:
+    """An item's attribute columns as text, "brand: OPI; color: red" (empty values left out)."""
+    return "; ".join(f"{k}: {item[k]}" for k in attributes if item.get(k) not in (None, ""))
+
+
 def item_hash(item: dict[str, Any]) -> str:
     """Hash of everything the pipeline reads from an item: text, attributes and the image's
     content fingerprint (not its location, so moving a catalog keeps its hashes)."""
