@@ -331,7 +331,8 @@ def _fit_rqvae(x, model_config, train, progress):
     val_x, xt = xt[torch.from_numpy(shuffled[:n_val])], xt[torch.from_numpy(shuffled[n_val:])]
     best_loss, best_epoch, best_state = float("inf"), -1, None
     n = len(xt)
-    batch = min(train.batch_size, n)
+    # At least 8 steps an epoch: a small catalog in one giant batch barely trains.
+    batch = max(1, min(train.batch_size, max(64, n // 8)))
     history: list[dict[str, float]] = []
     restarts: list[int] = [0] * model.levels
     losses: dict[str, float] = {}
