@@ -16,6 +16,8 @@ from sidpipe.models.rqkmeans import RQKMeans, fit_rqkmeans
 from sidpipe.models.rqvae import RQVAE, RQVAEConfig, TrainConfig, fit_rqvae, load_rqvae, save_rqvae
 
 METHODS = ("rqvae", "rqkmeans")
+# Part of every tokenizer id: bump when fitting changes, so new weights never share an old id.
+ALGORITHM_VERSION = 2
 HUGE_NORM_RATIO = 1e3  # a norm this many times the median is a broken vector, not an item
 
 

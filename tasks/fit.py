@@ -26,6 +26,7 @@ from sidpipe.config import PipelineConfig, TokenizerConfig
 from sidpipe.models.rqvae import size_codebooks
 from sidpipe.models.sids import codebook_tokens, sid_quality
 from sidpipe.models.tokenizer import (
+    ALGORITHM_VERSION,
     Tokenizer,
     fit_tokenizer,
     load_tokenizer_state,
@@ -158,6 +159,7 @@ def fit_stage(
         }
     )
     identity = {
+        "algorithm": ALGORITHM_VERSION,
         "method": config.method,
         "embed_key": embed.key,
         "data": data_hash,
