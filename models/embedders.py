@@ -133,7 +133,13 @@ class GMEServerEmbedder:
         self.usage = None
 
     def input_key(self, item: EmbedInput) -> dict:
-        return {"text": item.text, "image": item.image_fingerprint, "instruction": self.instruction}
+        # The pixel budget changes what GME sees, so it is part of the key.
+        return {
+            "text": item.text,
+            "image": item.image_fingerprint,
+            "instruction": self.instruction,
+            "max_pixels": self.max_pixels,
+        }
 
     def messages(self, text: str, image_url: str | None) -> list[dict]:
         content: list[dict] = []

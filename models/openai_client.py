@@ -6,7 +6,7 @@ What it does for every request:
 - retries 429, 5xx, timeouts and connection errors with exponential backoff and full jitter
   (honouring `Retry-After`), moving to another replica when there is one;
 - counts requests, retries, failures and tokens.
-A request that still fails after the last retry raises `RequestFailed`; callers record it as a
+A request that still fails after the last retry raises `RequestFailedError`; callers record it as a
 per-item error and go on. `health_check()` fails fast, with the reason, when a server is down or
 serves another model.
 
@@ -48,11 +48,6 @@ class EndpointSettings:
     backoff_max_seconds: float = 30.0
     api_key: str | None = None
 
-    @classmethod
-    def parse_urls(cls, value: str) -> list[str]:
-        """'http://a/v1, http://b/v1' -> two replicas (trailing slashes removed)."""
-        return [u.strip().rstrip("/") for u in value.split(",") if u.strip()]
-
 
 @dataclass
 class Usage:
@@ -72,7 +67,6 @@ class _Replica:
     url: str
     slots: asyncio.Semaphore
     in_flight: int = 0
-    served: int = 0
 
 
 @dataclass
@@ -162,7 +156,6 @@ class OpenAICompatClient:
                 return None, f"{type(exc).__name__} from {replica.url}: {exc}", {}
             finally:
                 replica.in_flight -= 1
-                replica.served += 1
 
     async def post(self, path: str, body: dict[str, Any]) -> dict[str, Any]:
         """POST JSON to `path` on a replica; retried as described above."""

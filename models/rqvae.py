@@ -13,6 +13,7 @@ Deterministic on CPU for a given seed. Knows nothing about items, files or Prefe
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import math
 from collections.abc import Callable
@@ -35,6 +36,15 @@ def reproducible_threads():
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def _single_threaded(method):
+    @functools.wraps(method)
+    def wrapped(*args, **kwargs):
+        with reproducible_threads():
+            return method(*args, **kwargs)
+
+    return wrapped
 
 
 class CatalogTooSmallError(ValueError):
@@ -219,6 +229,7 @@ class RQVAE(nn.Module):
         return np.concatenate(out) if out else np.zeros((0, self.levels), np.int32)
 
     @torch.no_grad()
+    @_single_threaded
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """Embeddings reconstructed from code tuples [N, L] (in the input's scale)."""
         self.eval()
@@ -227,6 +238,7 @@ class RQVAE(nn.Module):
         return (self.decoder(z_q) * self.std + self.mean).numpy()
 
     @torch.no_grad()
+    @_single_threaded
     def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
         """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
         self.eval()
@@ -236,6 +248,7 @@ class RQVAE(nn.Module):
         return distances.argsort(dim=1).to(torch.int32).numpy()
 
     @torch.no_grad()
+    @_single_threaded
     def reconstruction_cosine_by_depth(self, x: np.ndarray, batch_size: int = 8192) -> list[float]:
         """Mean cosine(x, decode(sum of the first d codewords)) for d = 1..L (TriAlignGR Fig. 4)."""
         self.eval()

@@ -402,7 +402,16 @@ def tokenizers(
     registry = read_registry(artifact_store, catalog)
     table = _table(
         f"tokenizers of {catalog} in {artifact_store.root_uri}",
-        ("tokenizer_id", "pinned", "method", "codebooks", "items", "parent", "created"),
+        (
+            "tokenizer_id",
+            "pinned",
+            "method",
+            "codebooks",
+            "items",
+            "parent",
+            "SID drift",
+            "created",
+        ),
     )
     for v in registry.versions:
         table.add_row(
@@ -412,6 +421,7 @@ def tokenizers(
             "/".join(map(str, v.codebook_sizes)),
             f"{v.items:,}",
             v.parent or "",
+            f"{v.drift['sid_changed']:.1%}" if v.drift else "",
             f"{v.created_at:%Y-%m-%d %H:%M}",
         )
     console.print(table)

@@ -15,7 +15,6 @@ import json
 import os
 import posixpath
 import tempfile
-import uuid
 from collections.abc import Iterable
 from typing import Any
 
@@ -146,9 +145,6 @@ class ArtifactStore:
         path = self.path(*parts)
         if self.fs.exists(path):
             self.fs.rm(path, recursive=True)
-
-    def new_id(self) -> str:
-        return uuid.uuid4().hex[:12]
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_uri!r})"

@@ -195,6 +195,7 @@ def embed_stage(
             "revision": embedder.revision,
             "dim": dim,
             "text_template": params["text_template"],
+            "usage": usage.as_dict() if (usage := getattr(embedder, "usage", None)) else None,
         },
     )
 
@@ -234,7 +235,7 @@ def embed_task(
         run,
         items,
         ingest.attribute_columns,
-        make_embedder(config.embed),
+        make_embedder(config.embed, config.catalog.allow_http_images),
         config.embed,
         captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
         interests=stage_values(store, run, interests, "interests")

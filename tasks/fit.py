@@ -4,8 +4,9 @@ The lifecycle (DESIGN.md guarantee 3, stable SIDs):
 - the catalog's **pinned** tokenizer (see `storage.registry`) is reused by every nightly run, so
   existing items keep their SIDs; nothing is trained;
 - with no pinned tokenizer (the first run) or with `tokenizer.refit`, a tokenizer is fitted on the
-  run's embeddings, checked against the quality gates, stored, registered as a new version and
-  pinned; `assign` then writes a drift report against the previous SIDs;
+  run's embeddings, checked against the quality gates and stored; `assign` writes a drift report
+  against the previous SIDs, and `publish` registers and pins the new version only once the run
+  is published;
 - a pinned tokenizer fitted on another embedding space (embedder or text template changed) is
   never used silently: the run stops and says to refit.
 
@@ -35,7 +36,7 @@ from sidpipe.models.tokenizer import (
 )
 from sidpipe.storage.hashing import hash_strings, stable_hash
 from sidpipe.storage.manifest import StageStats, utcnow
-from sidpipe.storage.registry import TokenizerVersion, read_registry, register
+from sidpipe.storage.registry import read_registry
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.embed import load_embeddings
 from sidpipe.tasks.report import quality_png
@@ -57,7 +58,8 @@ class FitOutcome(StageOutcome):
     method: str = ""
     codebook_sizes: list[int] = []
     sizing_message: str | None = None
-    fitted: bool = False  # a new version was fitted (first run or refit)
+    fitted: bool = False  # a new version was fitted (first run or refit): pinned on publish
+    embed_key: str = ""
     parent: str | None = None  # the version pinned before this run
 
 
@@ -223,20 +225,6 @@ def fit_stage(
         )
 
     parent = pinned.tokenizer_id if pinned is not None else None
-    register(
-        store,
-        run.catalog,
-        TokenizerVersion(
-            tokenizer_id=tokenizer_id,
-            method=config.method,
-            created_at=utcnow(),
-            embed_key=embed.key,
-            items=len(x),
-            codebook_sizes=sizes,
-            parent=parent,
-        ),
-        pin=True,
-    )
     return FitOutcome(
         stage="fit",
         key=tokenizer_id,
@@ -247,6 +235,7 @@ def fit_stage(
         codebook_sizes=sizes,
         sizing_message=message,
         fitted=True,
+        embed_key=embed.key,
         parent=parent,
         model={
             "name": config.method,
@@ -330,7 +319,7 @@ def fit_from_embeddings(
     quality = sid_quality(codes, sizes)
     quality["reconstruction_cosine_by_depth"] = tokenizer.reconstruction_cosine_by_depth(x)
     check_gates(quality, config)
-    tokenizer_id = f"{config.method}-{stable_hash({'data': hash_strings(ids), 'sizes': sizes, 'settings': config.model_dump()}, 16)}"
+    tokenizer_id = f"{config.method}-{stable_hash({'algorithm': ALGORITHM_VERSION, 'data': hash_strings(ids), 'sizes': sizes, 'settings': config.model_dump()}, 16)}"
     ranking = None
     if config.collisions == "reassign":
 

@@ -37,6 +37,7 @@ from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome
 log = logging.getLogger(__name__)
 
 CORE_COLUMNS = ("item_id", "title", "description", "image")
+RESERVED_COLUMNS = ("image_fingerprint", "item_hash")  # written by ingest itself
 MAX_ITEM_ID_LENGTH = 512
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACE = re.compile(r"\s+")
@@ -266,6 +267,12 @@ def validate_rows(
     attribute_columns = list(
         dict.fromkeys(k for r in rows if r for k in r if k not in CORE_COLUMNS)
     )
+    clash = [c for c in attribute_columns if c in RESERVED_COLUMNS]
+    if clash:
+        raise CatalogError(
+            f"{catalog_uri}: column(s) {', '.join(clash)} are reserved for "
+            "sidpipe's own fields; rename them"
+        )
 
     def reject(number: int, row: dict[str, Any], item_id: str | None, reason: str) -> None:
         raw = json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str, ensure_ascii=False)
@@ -367,6 +374,10 @@ def validate_rows(
                     reject(number, item, item["item_id"], reason)
                     continue
                 item["image_fingerprint"] = fingerprint
+            else:
+                # Unchecked: the location stands in for the content (a replaced file under the
+                # same name is not noticed; turn check_images on for that).
+                item["image_fingerprint"] = f"uri:{uri}"
         items.append(item)
     quarantine.sort(key=lambda q: q["row"])
     return items, quarantine, attribute_columns
@@ -379,7 +390,8 @@ def attribute_text(item: dict[str, Any], attributes: list[str]) -> str:
 
 def item_hash(item: dict[str, Any]) -> str:
     """Hash of everything the pipeline reads from an item: text, attributes and the image's
-    content fingerprint (not its location, so moving a catalog keeps its hashes)."""
+    fingerprint: its content for checked local and S3 images (so moving a catalog keeps its
+    hashes), its URL for http(s) images and for unchecked ones."""
     return stable_hash({k: v for k, v in item.items() if k not in ("item_hash", "image")})
 
 

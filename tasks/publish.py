@@ -19,10 +19,12 @@ from sidpipe.storage.manifest import (
     Manifest,
     catalog_dir,
     publish,
+    read_manifest,
     sids_dir,
     staging_dir,
     utcnow,
 )
+from sidpipe.storage.registry import TokenizerVersion, register
 from sidpipe.storage.store import ArtifactStore, concat_tables
 from sidpipe.tasks.assign import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_FILE, AssignOutcome
 from sidpipe.tasks.fit import FitOutcome
@@ -67,7 +69,7 @@ def publish_stage(
     staging = staging_dir(run.run_id)
     errors = (
         concat_tables(
-            store.read_parquet(*staging, s.errors) for s in stages if s.errors is not None
+            store.read_parquet(*staging, s.errors) for s in [*stages, fit] if s.errors is not None
         )
         or ERRORS_SCHEMA.empty_table()
     )
@@ -103,7 +105,7 @@ def publish_stage(
     )
     sids, cat = sids_dir(run.catalog, run.run_date), catalog_dir(run.catalog, run.run_date)
     items_rows = store.read_parquet(*staging, ITEMS_FILE, columns=["item_id"]).num_rows
-    return publish(
+    manifest = publish(
         store,
         manifest,
         {
@@ -116,6 +118,35 @@ def publish_stage(
             "tokens": (TOKENS_FILE, sids, None),
         },
     )
+    if fit.fitted:
+        # Pinned only now: a fit whose run never published (and so never showed its drift
+        # report) must not become the tokenizer of the next nightly run.
+        register(
+            store,
+            run.catalog,
+            TokenizerVersion(
+                tokenizer_id=fit.tokenizer_id,
+                method=fit.method,
+                created_at=utcnow(),
+                embed_key=fit.embed_key,
+                items=fit.stats.computed + fit.stats.cached,
+                codebook_sizes=fit.codebook_sizes,
+                parent=fit.parent,
+                drift=assign.quality.get("drift"),
+            ),
+            pin=True,
+        )
+    return manifest
+
+
+def already_published(store: ArtifactStore, run: RunInfo) -> Manifest | None:
+    """This run's manifest if it is already published: a retry after a publish that completed
+    (e.g. a storage error while cleaning staging) must not redo it from emptied staging."""
+    try:
+        manifest = read_manifest(store, run.catalog, run.run_date)
+    except FileNotFoundError:
+        return None
+    return manifest if manifest.run_id == run.run_id else None
 
 
 @task(name="publish", **TASK_OPTIONS)
@@ -128,7 +159,9 @@ def publish_task(
     assign: AssignOutcome,
 ) -> Manifest:
     store = ArtifactStore(config.store)
-    manifest = publish_stage(store, run, config, ingest, stages, fit, assign)
+    manifest = already_published(store, run) or publish_stage(
+        store, run, config, ingest, stages, fit, assign
+    )
     create_table_artifact(
         [{"stage": name, **s.model_dump()} for name, s in manifest.stages.items()],
         key="tokenization-stages",

@@ -2,6 +2,7 @@
 
 from datetime import date
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from conftest import sample_rows, small_config, write_catalog
@@ -343,3 +344,45 @@ def test_rqkmeans_through_the_flow(tmp_path, small_catalog):
     result = run_flow(small_config(str(tmp_path / "store"), str(small_catalog), method="rqkmeans"))
     assert result["tokenizer_id"].startswith("rqkmeans-")
     assert result["counts"]["assigned"] == 120
+
+
+def test_items_whose_embedding_the_tokenizer_rejects_count_as_failed(
+    tmp_path, small_catalog, monkeypatch
+):
+    """A broken vector (here: an embedder returning NaN for one item) is set aside at fit with a
+    reason, and the run still publishes with counts that add up."""
+    from sidpipe.models import embedders
+
+    real = embedders.SentenceTransformerEmbedder.embed
+
+    def embed_with_one_nan(self, inputs, progress=None):
+        vectors, errors = real(self, inputs, progress)
+        vectors[0] = np.nan
+        return vectors, errors
+
+    monkeypatch.setattr(embedders.SentenceTransformerEmbedder, "embed", embed_with_one_nan)
+    result = run_flow(small_config(str(tmp_path / "store"), str(small_catalog)))
+    assert result["counts"] == {"input": 120, "assigned": 119, "quarantined": 0, "failed": 1}
+    store = ArtifactStore(str(tmp_path / "store"))
+    [error] = store.read_parquet(result["files"]["errors"]["path"]).to_pylist()
+    assert error["stage"] == "fit" and "NaN" in error["error"]
+
+
+def test_a_publish_retried_after_it_completed_returns_the_published_manifest(
+    tmp_path, small_catalog
+):
+    from sidpipe.storage.manifest import read_manifest
+    from sidpipe.tasks.publish import already_published
+    from sidpipe.tasks.stage import RunInfo
+
+    config = small_config(str(tmp_path / "store"), str(small_catalog))
+    result = run_flow(config)
+    store = ArtifactStore(config.store)
+    manifest = read_manifest(store, "test-catalog", DAY)
+    run = RunInfo(
+        run_id=manifest.run_id, run_date=DAY, catalog="test-catalog", started_at=manifest.started_at
+    )
+    assert already_published(store, run).files == manifest.files  # staging is gone by now
+    assert result["run_id"] == manifest.run_id
+    other = run.model_copy(update={"run_id": "another-run"})
+    assert already_published(store, other) is None

@@ -173,3 +173,18 @@ def test_catalog_and_images_on_s3(s3):
     assert all(f.startswith("etag:") for f in result.items["image_fingerprint"].to_pylist())
     assert result.items["image"][0].as_py().startswith(f"{s3}/cat/images/")
     assert reasons(result)["x"].startswith("image not found")
+
+
+def test_columns_named_like_sidpipes_own_fields_are_refused(tmp_path):
+    path = tmp_path / "items.csv"
+    path.write_text("item_id,title,item_hash\na,A,x\n")
+    with pytest.raises(CatalogError, match="item_hash are reserved"):
+        ingest_catalog(str(path), CatalogConfig())
+
+
+def test_unchecked_images_are_fingerprinted_by_location(tmp_path):
+    path = write_catalog(
+        tmp_path, [{"item_id": "a", "title": "t", "image": "images/none.jpg"}], copy_images=False
+    )
+    result = ingest_catalog(str(path), CatalogConfig(check_images=False))
+    assert result.items["image_fingerprint"][0].as_py().startswith("uri:")
