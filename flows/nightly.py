@@ -17,7 +17,7 @@ from prefect import flow, get_run_logger
 from prefect.runtime import flow_run
 
 from sidpipe.config import PipelineConfig
-from sidpipe.storage.manifest import RunRecord, utcnow, write_run_record
+from sidpipe.storage.manifest import RunRecord, sids_dir, utcnow, write_run_record
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.assign import assign_task
 from sidpipe.tasks.embed import embed_task
@@ -100,7 +100,7 @@ def nightly_tokenization(
                 "finished_at": manifest.finished_at,
                 "counts": manifest.counts,
                 "stages": manifest.stages,
-                "published": "/".join(["sids", run.catalog, run.run_date.isoformat()]),
+                "published": "/".join(sids_dir(run.catalog, run.run_date)),
             }
         ),
     )

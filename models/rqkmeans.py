@@ -37,15 +37,10 @@ class RQKMeans:
         return list(self.config.codebook_sizes)
 
     def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        import faiss
-
         residual = np.ascontiguousarray(x, np.float32) - self.mean
         codes, chosen = [], []
         for codebook in self.codebooks:
-            index = faiss.IndexFlatL2(codebook.shape[1])
-            index.add(codebook)
-            _, idx = index.search(residual, 1)
-            idx = idx[:, 0]
+            idx = _nearest(codebook, residual)
             codes.append(idx.astype(np.int32))
             chosen.append(codebook[idx])
             residual = residual - codebook[idx]
@@ -65,19 +60,11 @@ class RQKMeans:
 
     def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
         """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
-        import faiss
-
         residual = np.ascontiguousarray(x, np.float32) - self.mean
         for codebook in self.codebooks[:-1]:
-            index = faiss.IndexFlatL2(codebook.shape[1])
-            index.add(codebook)
-            _, idx = index.search(residual, 1)
-            residual = residual - codebook[idx[:, 0]]
+            residual = residual - codebook[_nearest(codebook, residual)]
         last = self.codebooks[-1]
-        index = faiss.IndexFlatL2(last.shape[1])
-        index.add(last)
-        _, order = index.search(np.ascontiguousarray(residual), len(last))
-        return order.astype(np.int32)
+        return _nearest(last, residual, k=len(last)).astype(np.int32)
 
     def reconstruction_cosine_by_depth(self, x: np.ndarray, batch_size: int = 65536) -> list[float]:
         sums = np.zeros(len(self.codebooks))
@@ -107,13 +94,14 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-12)
 
 
-def _nearest(codebook: np.ndarray, v: np.ndarray) -> np.ndarray:
+def _nearest(codebook: np.ndarray, v: np.ndarray, k: int = 1) -> np.ndarray:
+    """Index of each row's nearest codeword ([N]), or its k nearest in order ([N, k])."""
     import faiss
 
     index = faiss.IndexFlatL2(codebook.shape[1])
     index.add(np.ascontiguousarray(codebook, np.float32))
-    _, idx = index.search(np.ascontiguousarray(v, np.float32), 1)
-    return idx[:, 0]
+    _, idx = index.search(np.ascontiguousarray(v, np.float32), k)
+    return idx[:, 0] if k == 1 else idx
 
 
 def fit_rqkmeans(

@@ -147,12 +147,13 @@ def run_enrichment(
     for h, (_, _, payload) in zip(hashes, inputs, strict=True):
         if h not in have:
             todo.setdefault(h, payload)
+    uncached = sum(h not in have for h in hashes)
     log.info(
         "%s: %d items, %d cached, %d to compute with %s at %s",
         stage,
         len(inputs),
-        len(inputs) - sum(h not in have for h in hashes),
-        sum(h not in have for h in hashes),
+        len(inputs) - uncached,
+        uncached,
         settings.model,
         ", ".join(settings.urls),
     )

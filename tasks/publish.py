@@ -81,7 +81,6 @@ def publish_stage(
         quarantined=ingest.quarantined,
         failed=errors.num_rows,
     )
-    counts.check()  # before anything is published
     by_name = {s.stage: s for s in [ingest, *stages, fit, assign]}
     manifest = Manifest(
         run_id=run.run_id,
