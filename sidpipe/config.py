@@ -190,6 +190,51 @@ class TokenizerConfig(_Section):
         return sizes
 
 
+class OrchestrationConfig(_Section):
+    """How a run is spread over workers, guarded and resumed (none of it changes a result)."""
+
+    shard_size: int = Field(
+        default=50_000,
+        ge=1,
+        description="Items per shard: caption, interests and embed map over shards; a finished "
+        "shard is never recomputed when a killed run is resumed.",
+    )
+    task_runner: Literal["thread", "process", "dask", "ray"] = Field(
+        default="thread",
+        description="thread/process: one box; dask/ray: a cluster (needs the dask or ray extra).",
+    )
+    max_workers: int | None = Field(
+        default=None, ge=1, description="Shards at once on one box (thread/process runners)."
+    )
+    cluster_address: str | None = Field(
+        default=None,
+        description="Dask scheduler (tcp://host:8786) or Ray address; none: a local cluster.",
+    )
+    concurrency_limits: bool = Field(
+        default=False,
+        description="Hold a slot of the Prefect global concurrency limit sidpipe-<stage> for each "
+        "model-served shard (strict: the limit must exist; `sidpipe bootstrap` creates them).",
+    )
+    lock_ttl_seconds: float = Field(
+        default=300.0,
+        gt=0,
+        description="Object-store lock lease; renewed while the run lives, taken over after it "
+        "lapses (a killed run). Local stores use an OS lock, released on exit.",
+    )
+    lock_wait_seconds: float = Field(
+        default=0.0, ge=0, description="Wait this long for another run of the catalog to finish."
+    )
+    resume: bool = Field(
+        default=True,
+        description="Continue an unfinished run of the same catalog, date and settings instead "
+        "of starting over (finished shards are kept).",
+    )
+    timezone: str = Field(
+        default="UTC",
+        description="Time zone of the schedule: a scheduled run's run_date is its start date there.",
+    )
+
+
 class PipelineConfig(BaseSettings):
     """Everything a tokenization run needs. Defaults run the bundled sample on CPU, offline."""
 
@@ -209,6 +254,7 @@ class PipelineConfig(BaseSettings):
     interests: InterestsConfig = InterestsConfig()
     embed: EmbedConfig = EmbedConfig()
     tokenizer: TokenizerConfig = TokenizerConfig()
+    orchestration: OrchestrationConfig = OrchestrationConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -234,6 +280,15 @@ _yaml_lock = threading.Lock()
 
 class ConfigError(ValueError):
     """A configuration file or value that cannot be used."""
+
+
+def resolve_config(config: PipelineConfig) -> PipelineConfig:
+    """A config as a flow receives it, completed from this process's SIDPIPE_* environment.
+
+    Prefect validates a deployment's (possibly partial) `config` parameter without reading the
+    environment, so a worker's SIDPIPE_STORE would be ignored; fields the caller set win.
+    """
+    return load_config(**config.model_dump(exclude_unset=True))
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:

@@ -35,6 +35,7 @@ class StageStats(BaseModel):
     cached: int = 0
     skipped: int = 0
     failed: int = 0
+    resumed: int = 0  # done by an earlier attempt of this run (a killed run, resumed)
     seconds: float = 0.0
 
 
@@ -77,6 +78,7 @@ class Manifest(BaseModel):
     counts: Counts
     stages: dict[str, StageStats]
     files: dict[str, FileEntry] = Field(default_factory=dict)
+    attempts: int = 1
 
 
 class RunRecord(BaseModel):
@@ -92,6 +94,9 @@ class RunRecord(BaseModel):
     counts: Counts | None = None
     stages: dict[str, StageStats] = Field(default_factory=dict)
     published: str | None = None  # relative path of the published folder
+    attempts: int = 1  # more than one: a killed or failed run was resumed
+    fingerprint: str | None = None  # hash of the settings that shape the results (for resume)
+    prefect_flow_run_id: str | None = None
 
 
 def utcnow() -> datetime:
@@ -112,6 +117,32 @@ def staging_dir(run_id: str) -> tuple[str, ...]:
 
 def write_run_record(store: ArtifactStore, record: RunRecord) -> None:
     store.write_json(record.model_dump(mode="json"), *staging_dir(record.run_id), RUN_RECORD_NAME)
+
+
+def resumable_run(
+    store: ArtifactStore, catalog: str, run_date: date, fingerprint: str
+) -> RunRecord | None:
+    """The latest unfinished run (killed or failed) of this catalog and date with the same
+    settings, whose staged work a new attempt can continue. Call it holding the catalog lock:
+    then a record still marked `running` belongs to a run that died."""
+    candidates = [
+        r
+        for r in run_records(store)
+        if r.catalog == catalog
+        and r.run_date == run_date
+        and r.fingerprint == fingerprint
+        and r.status in ("running", "failed")
+    ]
+    if not candidates:
+        return None
+    latest = candidates[-1]
+    # Published meanwhile (killed between the manifest and the run log): nothing to resume.
+    try:
+        if read_manifest(store, catalog, run_date).run_id == latest.run_id:
+            return None
+    except FileNotFoundError:
+        pass
+    return latest
 
 
 def run_records(store: ArtifactStore) -> list[RunRecord]:

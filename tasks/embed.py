@@ -27,7 +27,7 @@ from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.enrich import endpoint_settings
+from sidpipe.tasks.enrich import endpoint_settings, shard_limit
 from sidpipe.tasks.ingest import IngestOutcome, attribute_text
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
@@ -36,7 +36,7 @@ from sidpipe.tasks.stage import (
     failed_items,
     progress_artifact,
     read_index,
-    read_items,
+    run_shard,
     stage_values,
     write_errors,
     write_index,
@@ -225,30 +225,36 @@ def embed_task(
     config: PipelineConfig,
     run: RunInfo,
     ingest: IngestOutcome,
+    shard: int,
     caption: StageOutcome,
     interests: StageOutcome,
 ) -> StageOutcome:
-    store = ArtifactStore(config.store)
-    items = read_items(store, run)
-    outcome = embed_stage(
-        store,
-        run,
-        items,
-        ingest.attribute_columns,
-        make_embedder(config.embed, config.catalog.allow_http_images),
-        config.embed,
-        captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
-        interests=stage_values(store, run, interests, "interests")
-        if not interests.skipped
-        else None,
-        exclude=failed_items(store, run, [caption, interests]),
-        progress=progress_artifact("embed"),
-    )
+    store, run = ArtifactStore(config.store), run.for_shard(shard)
+
+    def compute(items: pa.Table) -> StageOutcome:
+        return embed_stage(
+            store,
+            run,
+            items,
+            ingest.attribute_columns,
+            make_embedder(config.embed, config.catalog.allow_http_images),
+            config.embed,
+            captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
+            interests=stage_values(store, run, interests, "interests")
+            if not interests.skipped
+            else None,
+            exclude=failed_items(store, run, [caption, interests]),
+            progress=progress_artifact(f"embed shard {shard}"),
+        )
+
+    outcome = run_shard(store, run, "embed", compute, shard_limit(config, "embed", config.embed))
     s = outcome.stats
     get_run_logger().info(
-        "embed: %d computed, %d cached, %d failed in %.1fs",
+        "embed shard %d: %d computed, %d cached, %d resumed, %d failed in %.1fs",
+        shard,
         s.computed,
         s.cached,
+        s.resumed,
         s.failed,
         s.seconds,
     )

@@ -59,7 +59,7 @@ from sidpipe.tasks.stage import (
     StageOutcome,
     failed_items,
     progress_artifact,
-    read_items,
+    run_shard,
     stage_values,
     write_errors,
     write_index,
@@ -377,32 +377,57 @@ def interests_stage(
     )
 
 
-# -- Prefect tasks ------------------------------------------------------------------------------
+# -- Prefect tasks (one run per item shard) -------------------------------------------------
+def shard_limit(config: PipelineConfig, stage: str, endpoint: ModelEndpointConfig) -> str | None:
+    """The global concurrency limit a model-served shard holds a slot of, when configured."""
+    if config.orchestration.concurrency_limits and endpoint.urls:
+        return f"sidpipe-{stage}"
+    return None
+
+
 @task(name="caption", **TASK_OPTIONS)
-def caption_task(config: PipelineConfig, run: RunInfo, ingest: StageOutcome) -> StageOutcome:
-    store = ArtifactStore(config.store)
-    return caption_stage(
+def caption_task(config: PipelineConfig, run: RunInfo, shard: int) -> StageOutcome:
+    store, run = ArtifactStore(config.store), run.for_shard(shard)
+    return run_shard(
         store,
         run,
-        read_items(store, run),
-        config.caption,
-        config.catalog.allow_http_images,
-        progress=progress_artifact("caption") if config.caption.urls else None,
+        "caption",
+        lambda items: caption_stage(
+            store,
+            run,
+            items,
+            config.caption,
+            config.catalog.allow_http_images,
+            progress=progress_artifact(f"caption shard {shard}") if config.caption.urls else None,
+        ),
+        shard_limit(config, "caption", config.caption),
     )
 
 
 @task(name="interests", **TASK_OPTIONS)
 def interests_task(
-    config: PipelineConfig, run: RunInfo, ingest: IngestOutcome, caption: StageOutcome
+    config: PipelineConfig,
+    run: RunInfo,
+    ingest: IngestOutcome,
+    shard: int,
+    caption: StageOutcome,
 ) -> StageOutcome:
-    store = ArtifactStore(config.store)
-    return interests_stage(
+    store, run = ArtifactStore(config.store), run.for_shard(shard)
+    return run_shard(
         store,
         run,
-        read_items(store, run),
-        ingest.attribute_columns,
-        config.interests,
-        captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
-        exclude=failed_items(store, run, [caption]),
-        progress=progress_artifact("interests") if config.interests.urls else None,
+        "interests",
+        lambda items: interests_stage(
+            store,
+            run,
+            items,
+            ingest.attribute_columns,
+            config.interests,
+            captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
+            exclude=failed_items(store, run, [caption]),
+            progress=progress_artifact(f"interests shard {shard}")
+            if config.interests.urls
+            else None,
+        ),
+        shard_limit(config, "interests", config.interests),
     )

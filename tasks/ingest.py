@@ -32,7 +32,7 @@ from sidpipe.config import CatalogConfig, PipelineConfig
 from sidpipe.storage.hashing import hash_strings, sha256_bytes, stable_hash
 from sidpipe.storage.manifest import StageStats, staging_dir
 from sidpipe.storage.store import ArtifactStore, open_filesystem
-from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, write_shards
 
 log = logging.getLogger(__name__)
 
@@ -453,19 +453,24 @@ class IngestOutcome(StageOutcome):
     catalog_sha256: str = ""
     items_hash: str = ""  # hash of every item hash, in item_id order
     attribute_columns: list[str] = []
+    shards: int = 1  # item shards the per-item stages map over
 
 
 ITEMS_FILE = "items.parquet"
 QUARANTINE_FILE = "quarantine.parquet"
 
 
-def ingest_stage(store: ArtifactStore, run: RunInfo, config: CatalogConfig) -> IngestOutcome:
-    """Ingest the catalog into the run's staging folder (items.parquet, quarantine.parquet)."""
+def ingest_stage(
+    store: ArtifactStore, run: RunInfo, config: CatalogConfig, shard_size: int = 50_000
+) -> IngestOutcome:
+    """Ingest the catalog into the run's staging folder (items.parquet, quarantine.parquet, and
+    the items again split into shards of about `shard_size`)."""
     started = time.perf_counter()
     result = ingest_catalog(config.uri, config)
     items = result.items.sort_by("item_id")
     store.write_parquet(items, *staging_dir(run.run_id), ITEMS_FILE)
     store.write_parquet(result.quarantine, *staging_dir(run.run_id), QUARANTINE_FILE)
+    shards = write_shards(store, run, items, shard_size)
     return IngestOutcome(
         stage="ingest",
         key="ingest",
@@ -480,9 +485,12 @@ def ingest_stage(store: ArtifactStore, run: RunInfo, config: CatalogConfig) -> I
         catalog_sha256=result.catalog_sha256,
         items_hash=hash_strings(items["item_hash"].to_pylist()),
         attribute_columns=result.attribute_columns,
+        shards=shards,
     )
 
 
 @task(name="ingest", **TASK_OPTIONS)
 def ingest_task(config: PipelineConfig, run: RunInfo) -> IngestOutcome:
-    return ingest_stage(ArtifactStore(config.store), run, config.catalog)
+    return ingest_stage(
+        ArtifactStore(config.store), run, config.catalog, config.orchestration.shard_size
+    )

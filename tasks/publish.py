@@ -10,7 +10,11 @@ import subprocess
 from pathlib import Path
 
 from prefect import get_run_logger, task
-from prefect.artifacts import create_link_artifact, create_table_artifact
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_table_artifact,
+)
 
 import sidpipe
 from sidpipe.config import PipelineConfig
@@ -101,6 +105,7 @@ def publish_stage(
         tokenizer_id=fit.tokenizer_id,
         counts=counts,
         stages={name: s.stats for name, s in by_name.items()},
+        attempts=run.attempt,
     )
     sids, cat = sids_dir(run.catalog, run.run_date), catalog_dir(run.catalog, run.run_date)
     items_rows = store.read_parquet(*staging, ITEMS_FILE, columns=["item_id"]).num_rows
@@ -138,6 +143,28 @@ def publish_stage(
     return manifest
 
 
+def published_files_markdown(store: ArtifactStore, manifest: Manifest) -> str:
+    """Where every published file is (full URIs, readable by polars/duckdb), with its rows."""
+    c = manifest.counts
+    lines = [
+        f"### {manifest.catalog} {manifest.run_date} (run {manifest.run_id}, "
+        f"attempt {manifest.attempts})",
+        "",
+        f"{c.input:,} items in = {c.assigned:,} assigned + {c.quarantined:,} quarantined + "
+        f"{c.failed:,} failed",
+        "",
+        "| file | rows | bytes | URI |",
+        "|---|---:|---:|---|",
+    ]
+    for role, f in manifest.files.items():
+        uri = store.uri(f.path)
+        rows = "" if f.rows is None else f"{f.rows:,}"
+        lines.append(f"| {role} | {rows} | {f.bytes:,} | [{uri}]({uri}) |")
+    manifest_uri = store.uri(*sids_dir(manifest.catalog, manifest.run_date), "_MANIFEST.json")
+    lines += ["", f"Manifest (read it first): [{manifest_uri}]({manifest_uri})"]
+    return "\n".join(lines)
+
+
 def already_published(store: ArtifactStore, run: RunInfo) -> Manifest | None:
     """This run's manifest if it is already published: a retry after a publish that completed
     (e.g. a storage error while cleaning staging) must not redo it from emptied staging."""
@@ -171,6 +198,11 @@ def publish_task(
         link_text="SID table",
         key="sid-table",
         description=f"{run.catalog} {run.run_date}",
+    )
+    create_markdown_artifact(
+        published_files_markdown(store, manifest),
+        key="published-files",
+        description=f"Published files of {run.catalog} {run.run_date}",
     )
     get_run_logger().info(
         "publish: %s/%s published (%d assigned, %d quarantined, %d failed)",

@@ -1,0 +1,237 @@
+"""A lock per catalog in the artifact store, so two runs can never write one catalog at once.
+
+Prefect's deployment concurrency limit keeps scheduled runs and backfills apart; this lock also
+covers runs started outside Prefect (a cron job, a laptop, a second cluster) on the same store.
+
+- Local stores: an OS file lock (`flock`) on `<root>/locks/<name>.lock`. The kernel drops it when
+  the holder exits, however it dies, so a killed run never blocks the next one.
+- S3: a lease object `<root>/locks/<name>.json` created with a conditional PUT (If-None-Match),
+  renewed by a heartbeat thread and taken over after it lapses with a compare-and-swap PUT
+  (If-Match on the lapsed lease's ETag): of two runs racing for a lapsed lease exactly one wins.
+
+The lock never decides what a run does; it only says who may write. Holder details (run id, host,
+pid, since) are stored beside it so a refused run can say who holds the catalog.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from sidpipe.storage.store import ArtifactStore, StoreError
+
+LOCKS_DIR = "locks"
+
+
+class LockHeldError(RuntimeError):
+    """Another run holds the lock."""
+
+    def __init__(self, name: str, holder: dict[str, Any] | None, store_uri: str):
+        who = (
+            f"run {holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) "
+            f"since {holder.get('acquired_at')}"
+            if holder
+            else "another run"
+        )
+        super().__init__(
+            f"{name} in {store_uri} is locked by {who}; wait for it to finish (or set "
+            "orchestration.lock_wait_seconds), a killed run's lock lapses by itself"
+        )
+        self.holder = holder
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+class StoreLock:
+    """`with StoreLock(store, "catalog-shop", run_id=...):` holds the lock for the block."""
+
+    def __init__(
+        self,
+        store: ArtifactStore,
+        name: str,
+        run_id: str,
+        ttl_seconds: float = 300.0,
+        wait_seconds: float = 0.0,
+        poll_seconds: float = 1.0,
+    ) -> None:
+        self.store = store
+        self.name = name
+        self.ttl = ttl_seconds
+        self.wait = wait_seconds
+        self.poll = min(poll_seconds, max(wait_seconds, 0.05))
+        self.token = uuid.uuid4().hex
+        self.holder = {
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "token": self.token,
+            "acquired_at": None,
+            "expires_at": None,
+        }
+        self._impl = _FileLock(self) if store.protocol == "file" else _LeaseLock(self)
+
+    def acquire(self) -> StoreLock:
+        deadline = time.monotonic() + self.wait
+        while True:
+            self.holder["acquired_at"] = _now().isoformat()
+            if self._impl.try_acquire():
+                return self
+            if time.monotonic() >= deadline:
+                raise LockHeldError(self.name, self._impl.current_holder(), self.store.root_uri)
+            time.sleep(self.poll)
+
+    def release(self) -> None:
+        self._impl.release()
+
+    def __enter__(self) -> StoreLock:
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class _FileLock:
+    """flock on a local file; the holder's details go into the locked file itself."""
+
+    def __init__(self, lock: StoreLock) -> None:
+        self.lock = lock
+        self.path = lock.store.path(LOCKS_DIR, f"{lock.name}.lock")
+        self.fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps(self.lock.holder).encode(), 0)
+        self.fd = fd
+        return True
+
+    def current_holder(self) -> dict | None:
+        try:
+            with open(self.path, "rb") as handle:
+                return json.loads(handle.read() or b"null")
+        except (OSError, ValueError):
+            return None
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+
+            os.ftruncate(self.fd, 0)
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+class _LeaseLock:
+    """A lease object on S3, written only with conditional PUTs."""
+
+    def __init__(self, lock: StoreLock) -> None:
+        self.lock = lock
+        self.parts = (LOCKS_DIR, f"{lock.name}.json")
+        self.path = lock.store.path(*self.parts)
+        self.fs = lock.store.fs
+        self.etag: str | None = None
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self.lost: str | None = None  # why the lease was lost, if it was
+
+    def _body(self) -> bytes:
+        self.lock.holder["expires_at"] = (_now() + timedelta(seconds=self.lock.ttl)).isoformat()
+        return json.dumps(self.lock.holder).encode()
+
+    def _read(self) -> tuple[dict | None, str | None]:
+        try:
+            info = self.fs.info(self.path, refresh=True)
+            data = self.fs.cat_file(self.path)
+        except FileNotFoundError:
+            return None, None
+        try:
+            return json.loads(data), info.get("ETag")
+        except ValueError:
+            return {}, info.get("ETag")
+
+    def _put(self, **condition: str) -> str:
+        bucket, key, _ = self.fs.split_path(self.path)
+        response = self.fs.call_s3(
+            "put_object", Bucket=bucket, Key=key, Body=self._body(), **condition
+        )
+        return response["ETag"]
+
+    def try_acquire(self) -> bool:
+        try:
+            self.etag = self._put(IfNoneMatch="*")
+        except (FileExistsError, OSError) as exc:
+            if not _precondition_failed(exc):
+                raise StoreError(
+                    f"cannot take lock {self.lock.store.uri(*self.parts)}: {exc}"
+                ) from exc
+            holder, etag = self._read()
+            if holder is None or etag is None:
+                return False  # released meanwhile: the next poll creates it
+            expires = holder.get("expires_at")
+            if expires and datetime.fromisoformat(expires) > _now():
+                return False
+            try:  # the lease lapsed: replace exactly that version of it
+                self.etag = self._put(IfMatch=etag)
+            except (FileExistsError, OSError) as exc2:
+                if _precondition_failed(exc2):
+                    return False  # someone else took it over first
+                raise StoreError(f"cannot take over lock {self.path}: {exc2}") from exc2
+        self._start_heartbeat()
+        return True
+
+    def _start_heartbeat(self) -> None:
+        self._stop.clear()
+        self._heartbeat = threading.Thread(
+            target=self._renew_until_stopped, name=f"lease-{self.lock.name}", daemon=True
+        )
+        self._heartbeat.start()
+
+    def _renew_until_stopped(self) -> None:
+        while not self._stop.wait(self.lock.ttl / 3):
+            try:
+                self.etag = self._put(IfMatch=self.etag)
+            except Exception as exc:  # noqa: BLE001 - a heartbeat must never kill the run
+                if _precondition_failed(exc):
+                    self.lost = "taken over by another run after the lease lapsed"
+                    return
+                # Transient storage trouble: try again at the next beat (the TTL allows 3).
+
+    def current_holder(self) -> dict | None:
+        return self._read()[0]
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._heartbeat is not None:
+            self._heartbeat.join(timeout=10)
+            self._heartbeat = None
+        holder, etag = self._read()
+        if holder and holder.get("token") == self.lock.token and etag == self.etag:
+            self.fs.rm_file(self.path)
+        self.etag = None
+
+
+def _precondition_failed(exc: BaseException) -> bool:
+    text = str(exc)
+    return (
+        isinstance(exc, FileExistsError)
+        or "PreconditionFailed" in text
+        or "412" in text
+        or ("pre-conditions" in text)
+    )
