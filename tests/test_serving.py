@@ -46,7 +46,10 @@ def test_each_model_has_a_pinned_gpu_vllm_service_wired_to_the_pipeline():
         assert devices[0]["capabilities"] == ["gpu"]
     assert "--runner" in services["gme-embedder"]["command"]
     assert "/templates/gme_chat_template.jinja" in services["gme-embedder"]["command"]
-    env = services["sidpipe"]["environment"]
-    assert env["SIDPIPE_CAPTION_URL"] == "http://captioner:8000/v1"
-    assert env["SIDPIPE_INTERESTS_URL"] == "http://interests-llm:8000/v1"
-    assert env["SIDPIPE_EMBED_URL"] == "http://gme-embedder:8000/v1"
+    for worker in ("cpu-worker", "gpu-worker"):  # the workers run the flows against them
+        env = services[worker]["environment"]
+        assert env["SIDPIPE_CAPTION_URL"] == "${SIDPIPE_CAPTION_URL-http://captioner:8000/v1}"
+        assert env["SIDPIPE_INTERESTS_URL"] == (
+            "${SIDPIPE_INTERESTS_URL-http://interests-llm:8000/v1}"
+        )
+        assert env["SIDPIPE_EMBED_URL"] == "${SIDPIPE_EMBED_URL-http://gme-embedder:8000/v1}"
