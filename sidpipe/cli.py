@@ -6,9 +6,11 @@ production buckets.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import sys
+import tempfile
 import time
 from datetime import date
 from pathlib import Path
@@ -18,6 +20,7 @@ import typer
 import yaml
 from rich.console import Console
 from rich.markdown import Markdown
+from rich.markup import escape
 from rich.table import Table
 
 from sidpipe.config import ConfigError, load_config
@@ -33,7 +36,7 @@ console = Console()
 err = Console(stderr=True)
 
 COSTLY_STAGES = ("caption", "interests", "embed", "fit")
-STAGE_COLUMNS = ("stage", "computed", "cached", "skipped", "failed", "seconds")
+STAGE_COLUMNS = ("stage", "computed", "cached", "resumed", "skipped", "failed", "seconds")
 
 ConfigOption = Annotated[
     Path | None,
@@ -66,7 +69,8 @@ def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) ->
 
 
 def _fail(message: str) -> typer.Exit:
-    err.print(f"[bold red]error:[/] {message}")
+    # Escaped (messages hold paths and `[...]`) and never hard-wrapped (paths stay copyable).
+    err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
     return typer.Exit(code=2)
 
 
@@ -118,6 +122,7 @@ def run(
     from sidpipe.models.openai_client import EndpointUnavailableError
     from sidpipe.models.rqvae import CatalogTooSmallError
     from sidpipe.models.tokenizer import EmbeddingInputError
+    from sidpipe.storage.lock import LockHeldError
     from sidpipe.tasks.fit import QualityGateError, TokenizerMismatchError
     from sidpipe.tasks.ingest import CatalogError
 
@@ -132,6 +137,7 @@ def run(
         QualityGateError,
         TokenizerMismatchError,
         EmbeddingInputError,
+        LockHeldError,
     ) as exc:
         # Problems of the input or the settings: one clear message, no traceback.
         raise _fail(str(exc)) from None
@@ -149,11 +155,17 @@ def _print_run_summary(manifest: dict, seconds: float) -> None:
             name,
             f"{s['computed']:,}",
             f"{s['cached']:,}",
+            f"{s['resumed']:,}",
             f"{s['skipped']:,}",
             f"{s['failed']:,}",
             f"{s['seconds']:.1f}",
         )
     console.print(table)
+    if manifest.get("attempts", 1) > 1:
+        console.print(
+            f"attempt {manifest['attempts']}: continued an unfinished run; shards it had "
+            "finished were kept (resumed)"
+        )
     c = manifest["counts"]
     console.print(
         f"items: {c['input']:,} in = {c['assigned']:,} assigned + "
@@ -187,16 +199,59 @@ def inspect(
         ),
     ] = None,
     store: StoreOption = None,
-    rows: Annotated[int, typer.Option(help="SID table rows to show.")] = 10,
+    rows: Annotated[
+        int, typer.Option(help="SID table rows (with --diff: changed items) to show.")
+    ] = 10,
     as_json: Annotated[
-        bool, typer.Option("--json", help="Print the raw manifest as JSON.")
+        bool,
+        typer.Option(
+            "--json", help="Machine-readable output: the raw manifest, diff or quality report."
+        ),
+    ] = False,
+    diff: Annotated[
+        str | None,
+        typer.Option(
+            "--diff",
+            metavar="CATALOG[/DATE]",
+            help="Compare TARGET's SID table (A) with this run's (B): items only in A or B, "
+            "SIDs changed (per level), tokenizer_id changed.",
+        ),
+    ] = None,
+    out: Annotated[
+        str | None,
+        typer.Option(
+            help="With --diff: write every differing item (item_id, change, sid_a, sid_b, ...) "
+            "to this Parquet file (local or s3://)."
+        ),
+    ] = None,
+    quality: Annotated[
+        bool,
+        typer.Option(
+            "--quality", help="Print TARGET's quality report and save its quality.png locally."
+        ),
+    ] = False,
+    save_to: Annotated[
+        Path | None,
+        typer.Option(help="With --quality: folder for quality.png (default: a new temp folder)."),
+    ] = None,
+    open_png: Annotated[
+        bool, typer.Option("--open", help="With --quality: open quality.png in a viewer.")
     ] = False,
 ) -> None:
-    """List published runs and the run log, or show one run: manifest, SID table head and
-    quality report. Works on a local folder or s3://."""
-    from sidpipe.storage.manifest import published_runs, read_manifest, run_records
+    """List published runs and the run log, show one run (manifest, SID table head, quality
+    report), diff two runs' SID tables (--diff) or fetch a run's quality report (--quality).
+    Reads only published runs (those with _MANIFEST.json); works on a local folder or s3://."""
+    from sidpipe.storage.manifest import published_runs, run_records
     from sidpipe.storage.store import ArtifactStore, StoreError
 
+    if diff and quality:
+        raise _fail("--diff and --quality do not go together: pick one")
+    if out and not diff:
+        raise _fail("--out needs --diff (it writes the items that differ)")
+    if (save_to or open_png) and not quality:
+        raise _fail("--save-to and --open need --quality")
+    if (diff or quality) and target is None:
+        raise _fail("--diff and --quality need a run: sidpipe inspect CATALOG[/DATE] ...")
     try:
         artifact_store = ArtifactStore(store or load_config().store)
         if target is None:
@@ -204,34 +259,105 @@ def inspect(
                 published_runs(artifact_store), run_records(artifact_store), artifact_store
             )
             return
-        catalog, _, day = target.partition("/")
-        if not day:
-            runs = published_runs(artifact_store, catalog)
-            if not runs:
-                raise _fail(f"no published run of catalog {catalog!r} in {artifact_store.root_uri}")
-            day = runs[-1].run_date.isoformat()
-        try:
-            manifest = read_manifest(artifact_store, catalog, day)
-        except FileNotFoundError:
-            raise _fail(
-                f"no published run {catalog}/{day} in {artifact_store.root_uri} "
-                "(a run without _MANIFEST.json is not published)"
-            ) from None
+        manifest = _resolve_run(artifact_store, target)
+        if diff:
+            other = _resolve_run(artifact_store, diff)
+            _inspect_diff(artifact_store, manifest, other, rows, as_json, out)
+        elif quality:
+            _inspect_quality(artifact_store, manifest, save_to, open_png, as_json)
+        else:
+            _inspect_run(artifact_store, manifest, rows, as_json)
     except (StoreError, ConfigError) as exc:
         raise _fail(str(exc)) from None
 
+
+def _resolve_run(store, target: str):
+    """The manifest of CATALOG/DATE (or of CATALOG's latest published run); exit 2 with what is
+    missing (catalog, date, or the manifest of a run that failed or is still running)."""
+    from sidpipe.storage.manifest import published_runs, read_manifest, run_records
+
+    catalog, _, day = target.partition("/")
+    if not catalog:
+        raise _fail(f"{target!r} is not CATALOG or CATALOG/RUN_DATE")
+    if not day:
+        runs = published_runs(store, catalog)
+        if runs:
+            return runs[-1]
+        catalogs = sorted({m.catalog for m in published_runs(store)})
+        known = f"published catalogs: {', '.join(catalogs)}" if catalogs else "nothing is published"
+        raise _fail(f"no published run of catalog {catalog!r} in {store.root_uri} ({known})")
+    try:
+        return read_manifest(store, catalog, day)
+    except FileNotFoundError:
+        pass
+    attempts = [r for r in run_records(store) if r.catalog == catalog and str(r.run_date) == day]
+    dates = [str(m.run_date) for m in published_runs(store, catalog)]
+    if attempts:
+        last = attempts[-1]
+        detail = f"the run log's last run of that date, {last.run_id}, is {last.status}"
+        detail += f": {last.error[:200]}" if last.error else ""
+    elif dates:
+        detail = f"published dates of {catalog}: {', '.join(dates[-10:])}"
+    else:
+        detail = f"catalog {catalog!r} has no published run"
+    raise _fail(
+        f"run {catalog}/{day} is not published in {store.root_uri}: no _MANIFEST.json ({detail})"
+    )
+
+
+PUBLISHED_FILES = {
+    "sids": "SID table (sids.parquet)",
+    "quality": "quality report (quality.json)",
+    "quality_png": "quality plot (quality.png)",
+}
+
+
+def _read_published(store, manifest, role: str) -> bytes:
+    """A published file's bytes, checked against the sha256 its manifest recorded."""
+    from sidpipe.storage.hashing import sha256_bytes
+
+    run = f"{manifest.catalog}/{manifest.run_date}"
+    what = PUBLISHED_FILES.get(role, role)
+    entry = manifest.files.get(role)
+    if entry is None:
+        raise _fail(f"run {run} has no {what}: its manifest lists {', '.join(manifest.files)}")
+    try:
+        data = store.read_bytes(entry.path)
+    except FileNotFoundError:
+        raise _fail(f"{what} of run {run} is missing: {store.uri(entry.path)}") from None
+    if sha256_bytes(data) != entry.sha256:
+        raise _fail(
+            f"{store.uri(entry.path)} does not match the manifest of {run} (sha256): "
+            "republished while being read? Try again"
+        )
+    return data
+
+
+def _run_ref(m) -> dict:
+    return {
+        "catalog": m.catalog,
+        "run_date": str(m.run_date),
+        "run_id": m.run_id,
+        "tokenizer_id": m.tokenizer_id,
+        "sids": m.files["sids"].path if "sids" in m.files else None,
+    }
+
+
+def _inspect_run(store, manifest, rows: int, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(manifest.model_dump(mode="json"), indent=2) + "\n")
         return
+    import pyarrow.parquet as pq
+
     _print_manifest(manifest)
-    sids = artifact_store.read_parquet(manifest.files["sids"].path)
+    sids = pq.read_table(io.BytesIO(_read_published(store, manifest, "sids")))
     head = _table(
         f"sids.parquet ({sids.num_rows:,} rows; first {min(rows, sids.num_rows)})",
         ("item_id", "sid", "codes", "suffix", "first_assigned"),
     )
     for row in sids.slice(0, rows).to_pylist():
         head.add_row(
-            row["item_id"],
+            escape(row["item_id"]),
             row["sid"],
             str(row["codes"]),
             str(row["suffix"]),
@@ -241,9 +367,109 @@ def inspect(
     if "quality" in manifest.files:
         from sidpipe.models.sids import quality_markdown
 
-        console.print(
-            Markdown(quality_markdown(artifact_store.read_json(manifest.files["quality"].path)))
+        console.print(Markdown(quality_markdown(store.read_json(manifest.files["quality"].path))))
+
+
+def _inspect_diff(store, a, b, rows: int, as_json: bool, out: str | None) -> None:
+    import pyarrow.parquet as pq
+
+    from sidpipe.models.sid_diff import SidDiffError, diff_sids
+    from sidpipe.storage.store import ArtifactStore
+
+    tables = [pq.read_table(io.BytesIO(_read_published(store, m, "sids"))) for m in (a, b)]
+    try:
+        report = diff_sids(*tables)
+    except SidDiffError as exc:
+        raise _fail(str(exc)) from None
+    if out:
+        folder, name = out.rsplit("/", 1) if "://" in out else os.path.split(out)
+        ArtifactStore(os.path.expanduser(folder) or ".").write_parquet(report.changes, name)
+    if as_json:
+        head = report.rows("sid_changed", rows)
+        result = {"a": _run_ref(a), "b": _run_ref(b), **report.to_dict(), "sid_changed_head": head}
+        sys.stdout.write(json.dumps(result | {"out": out}, indent=2) + "\n")
+        return
+    _print_diff(a, b, report, rows)
+    differing = report.changes.num_rows
+    if out:
+        console.print(f"wrote {differing:,} differing items to {out}", soft_wrap=True, markup=False)
+    elif differing:
+        console.print(f"all {differing:,} differing items: add --out FILE.parquet")
+
+
+def _print_diff(a, b, report, rows: int) -> None:
+    def share(n: int, of: int) -> str:
+        return f"{n / of:.1%}" if of else ""
+
+    def tokenizers(counts: dict[str, int]) -> str:
+        return ", ".join(f"{t} ({n:,})" for t, n in counts.items()) or "-"
+
+    r = report
+    label_a, label_b = f"{a.catalog}/{a.run_date}", f"{b.catalog}/{b.run_date}"
+    console.print(f"[bold]A[/] {label_a}  run {a.run_id}  tokenizer {tokenizers(r.tokenizers_a)}")
+    console.print(f"[bold]B[/] {label_b}  run {b.run_id}  tokenizer {tokenizers(r.tokenizers_b)}")
+    summary = _table(f"SID diff {label_a} -> {label_b}", ("", "items", "share"), ("items", "share"))
+    for name, n, of in (
+        ("in A", r.items_a, 0),
+        ("in B", r.items_b, 0),
+        ("only in A (removed)", r.only_in_a, r.items_a),
+        ("only in B (added)", r.only_in_b, r.items_b),
+        ("in both", r.in_both, 0),
+        ("  SID changed", r.sid_changed, r.in_both),
+        ("  tokenizer_id changed", r.tokenizer_changed, r.in_both),
+        ("  unchanged", r.unchanged, r.in_both),
+    ):
+        summary.add_row(name, f"{n:,}", share(n, of))
+    console.print(summary)
+    if r.sid_changed:
+        levels = _table(
+            f"where the {r.sid_changed:,} changed SIDs differ",
+            ("level", "code changed", "first differs here"),
+            ("code changed", "first differs here"),
         )
+        for level in r.levels:
+            levels.add_row(
+                f"{level.level} ({level.token})",
+                f"{level.code_changed:,} ({share(level.code_changed, r.sid_changed)})",
+                f"{level.first_changed:,} ({share(level.first_changed, r.sid_changed)})",
+            )
+        levels.add_row(
+            "suffix only", "", f"{r.suffix_only:,} ({share(r.suffix_only, r.sid_changed)})"
+        )
+        console.print(levels)
+    if r.sid_changed and rows > 0:
+        head = r.rows("sid_changed", rows)
+        changed = _table(
+            f"SID changed: first {len(head):,} of {r.sid_changed:,} (by item_id)",
+            ("item_id", "sid A", "sid B", "first differs"),
+        )
+        for row in head:
+            level = row["first_changed_level"]
+            where = f"level {level}" if level <= len(r.levels) else "suffix"
+            changed.add_row(escape(row["item_id"]), row["sid_a"], row["sid_b"], where)
+        console.print(changed)
+
+
+def _inspect_quality(store, manifest, save_to: Path | None, open_png: bool, as_json: bool) -> None:
+    from sidpipe.models.sids import quality_markdown
+
+    report = json.loads(_read_published(store, manifest, "quality"))
+    png = _read_published(store, manifest, "quality_png")
+    try:
+        folder = save_to or Path(tempfile.mkdtemp(prefix="sidpipe-quality-"))
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{manifest.catalog}-{manifest.run_date}-quality.png"
+        path.write_bytes(png)
+    except OSError as exc:
+        raise _fail(f"cannot save quality.png: {exc}") from None
+    if as_json:
+        result = {"run": _run_ref(manifest), "quality": report, "png": str(path)}
+        sys.stdout.write(json.dumps(result, indent=2) + "\n")
+    else:
+        console.print(Markdown(quality_markdown(report)))
+        console.print(f"quality.png saved to {path}", soft_wrap=True, markup=False)
+    if open_png:
+        typer.launch(str(path))
 
 
 def _print_run_list(manifests, records, store) -> None:
@@ -320,6 +546,7 @@ def _print_manifest(m) -> None:
             name,
             f"{s.computed:,}",
             f"{s.cached:,}",
+            f"{s.resumed:,}",
             f"{s.skipped:,}",
             f"{s.failed:,}",
             f"{s.seconds:.1f}",
@@ -329,6 +556,92 @@ def _print_manifest(m) -> None:
     for role, f in m.files.items():
         files.add_row(role, f.path, "" if f.rows is None else f"{f.rows:,}", f"{f.bytes:,}")
     console.print(files)
+
+
+@app.command()
+def backfill(
+    start: Annotated[str, typer.Option("--from", help="First date, YYYY-MM-DD.")],
+    end: Annotated[str, typer.Option("--to", help="Last date, YYYY-MM-DD (inclusive).")],
+    config: ConfigOption = None,
+    store: StoreOption = None,
+    catalog: Annotated[
+        str | None, typer.Option(help="Catalog file [default: the config's / bundled sample].")
+    ] = None,
+    catalog_name: Annotated[str | None, typer.Option(help="Name used in artifact paths.")] = None,
+    deployment: Annotated[
+        str | None,
+        typer.Option(
+            help="Run each date as a run of this deployment on the Prefect server "
+            "(e.g. nightly-tokenization/nightly; needs PREFECT_API_URL). Default: run each date "
+            "here, in this process."
+        ),
+    ] = None,
+    submit: Annotated[
+        bool,
+        typer.Option(
+            "--submit",
+            help="Start the server's sidpipe-backfill/backfill deployment for the range and "
+            "return at once (workers run it; follow it in the UI).",
+        ),
+    ] = False,
+    keep_going: Annotated[
+        bool, typer.Option("--keep-going", help="Go on with later dates after a failed one.")
+    ] = False,
+) -> None:
+    """Tokenize the catalog once per date from --from to --to, oldest first, one after another
+    (each date keeps the SIDs published before it)."""
+    _prefect_defaults()
+    try:
+        first, last = date.fromisoformat(start), date.fromisoformat(end)
+        from sidpipe.flows.backfill import config_overrides, dates_between
+
+        days = dates_between(first, last)
+        cfg = load_config(config, store=store)
+        if catalog or catalog_name:
+            updates = {k: v for k, v in {"uri": catalog, "name": catalog_name}.items() if v}
+            cfg = cfg.model_copy(
+                update={"catalog": cfg.catalog.model_validate(cfg.catalog.model_dump() | updates)}
+            )
+    except (ConfigError, ValueError) as exc:
+        raise _fail(str(exc)) from None
+    if (deployment or submit) and not os.environ.get("PREFECT_API_URL"):
+        raise _fail("--deployment and --submit need a Prefect server: set PREFECT_API_URL")
+
+    if submit:
+        from prefect.deployments import run_deployment
+
+        parameters = {"start": first.isoformat(), "end": last.isoformat()}
+        if deployment:
+            parameters["deployment"] = deployment
+        explicit = {k: v for k, v in {"store": store}.items() if v}
+        if config or explicit or catalog or catalog_name:
+            parameters["config"] = config_overrides(cfg)
+        child = run_deployment(
+            "sidpipe-backfill/backfill", parameters=parameters, timeout=0, as_subflow=False
+        )
+        console.print(
+            f"submitted backfill {first}..{last} ({len(days)} dates): flow run {child.id} "
+            f"({child.name}); follow it in the Prefect UI"
+        )
+        return
+
+    from sidpipe.flows.backfill import backfill as backfill_flow
+
+    state = backfill_flow(
+        first,
+        last,
+        deployment=deployment,
+        config=cfg,
+        stop_on_failure=not keep_going,
+        return_state=True,
+    )
+    results = state.result(raise_on_failure=False)
+    if isinstance(results, BaseException):
+        raise _fail(str(results)) from None
+    table = _table(f"backfill {first}..{last}", ("run_date", "state", "run_id / flow run"))
+    for r in results:
+        table.add_row(r["run_date"], r["state"], r.get("run_id") or r.get("flow_run", ""))
+    console.print(table)
 
 
 @app.command()
@@ -425,6 +738,60 @@ def tokenizers(
             f"{v.created_at:%Y-%m-%d %H:%M}",
         )
     console.print(table)
+
+
+@app.command("bootstrap")
+def bootstrap_command(
+    limit: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Slots of each global concurrency limit (sidpipe-caption, sidpipe-interests, "
+            "sidpipe-embed): shards of one stage that may hit its model server at once.",
+        ),
+    ] = 4,
+    results_uri: Annotated[
+        str,
+        typer.Option(help="Where Prefect keeps task results (the sidpipe-results block)."),
+    ] = "s3://sidpipe/prefect-results",
+    deploy: Annotated[
+        bool,
+        typer.Option(
+            "--deploy/--no-deploy",
+            help="Afterwards register prefect.yaml's deployments (prefect --no-prompt deploy "
+            "--all in the repo root).",
+        ),
+    ] = False,
+) -> None:
+    """Prepare a Prefect server for sidpipe (idempotent): work pools cpu-pool and gpu-pool,
+    the global concurrency limits, the sidpipe-results storage block; optionally deploy."""
+    _prefect_defaults()
+    import httpx
+
+    from sidpipe.deploy import RESULTS_BLOCK_SLUG, BootstrapError
+    from sidpipe.deploy import bootstrap as run_bootstrap
+    from sidpipe.deploy import deploy as run_deploy
+
+    try:
+        summary = run_bootstrap(limit=limit, results_uri=results_uri)
+    except BootstrapError as exc:
+        raise _fail(str(exc)) from None
+    except httpx.HTTPError as exc:  # an unreachable or failing API: one line, not a traceback
+        raise _fail(f"Prefect API: {type(exc).__name__}: {exc}") from None
+    table = _table("Prefect bootstrap", ("object", "status"))
+    for status, names in summary.items():
+        for name in names:
+            table.add_row(name, status)
+    console.print(table)
+    console.print(f"workers use PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={RESULTS_BLOCK_SLUG}")
+    if deploy:
+        try:
+            code = run_deploy()
+        except BootstrapError as exc:
+            raise _fail(str(exc)) from None
+        if code:
+            raise _fail(f"prefect deploy --all failed (exit code {code})")
+        console.print("deployments registered from prefect.yaml")
 
 
 @app.command("config")

@@ -286,9 +286,24 @@ def resolve_config(config: PipelineConfig) -> PipelineConfig:
     """A config as a flow receives it, completed from this process's SIDPIPE_* environment.
 
     Prefect validates a deployment's (possibly partial) `config` parameter without reading the
-    environment, so a worker's SIDPIPE_STORE would be ignored; fields the caller set win.
+    environment, so a worker's SIDPIPE_STORE would be ignored. Fields the caller set, or changed
+    from their defaults (also by assignment after construction), win over the environment.
     """
-    return load_config(**config.model_dump(exclude_unset=True))
+    return load_config(
+        **_deep_merge(
+            config.model_dump(exclude_defaults=True), config.model_dump(exclude_unset=True)
+        )
+    )
+
+
+def _deep_merge(a: dict, b: dict) -> dict:
+    merged = dict(a)
+    for key, value in b.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:

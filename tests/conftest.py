@@ -42,6 +42,14 @@ def prefect_api():
         yield
 
 
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The environment for a child process: this session's Prefect server (no second server to
+    start) plus `extra`. Use inside tests that use `prefect_api`."""
+    from prefect.settings import PREFECT_API_URL
+
+    return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **extra}
+
+
 # -- S3 (moto server, in-process, as s3fs's own test suite does) ---------------------------------
 @pytest.fixture(scope="session")
 def s3_server():
@@ -128,11 +136,14 @@ def small_catalog(tmp_path) -> Path:
     return write_catalog(tmp_path / "catalog", sample_rows(120))
 
 
-def small_config(store: str, catalog: str, **tokenizer) -> PipelineConfig:
+def small_config(
+    store: str, catalog: str, orchestration: dict | None = None, **tokenizer
+) -> PipelineConfig:
     """Settings that keep a flow test to seconds: a small tokenizer, few epochs."""
     return load_config(
         store=store,
         catalog={"uri": catalog, "name": "test-catalog"},
+        orchestration=orchestration,
         tokenizer={
             "codebook_sizes": [8, 8, 8],
             "min_points_per_code": 4,

@@ -1,0 +1,64 @@
+"""A test double of a crash: runs the nightly flow and SIGKILLs its own process at a chosen point.
+
+    python tests/crash_runner.py CONFIG_JSON RUN_DATE POINT
+
+POINT is `embed-shard:N` (right after the N-th embed shard's checkpoint is written),
+`tokenizer` (after the tokenizer's weights are written, before its config) or `publish` (after
+the published sids.parquet is written, before the manifest). SIGKILL runs no cleanup: no
+`finally`, no `except`, no Prefect state change, as when a machine dies.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from datetime import date
+
+
+def die() -> None:
+    sys.stdout.flush()
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def main() -> None:
+    config_json, run_date, point = sys.argv[1], date.fromisoformat(sys.argv[2]), sys.argv[3]
+    from sidpipe.config import PipelineConfig
+    from sidpipe.storage.store import ArtifactStore
+    from sidpipe.tasks import stage
+
+    if point.startswith("embed-shard:"):
+        after = int(point.split(":")[1])
+        original = stage.save_checkpoint
+        seen = []
+
+        def save_then_maybe_die(store, run, outcome, items):
+            original(store, run, outcome, items)
+            if outcome.stage == "embed":
+                seen.append(run.shard)
+                if len(seen) == after:
+                    die()
+
+        stage.save_checkpoint = save_then_maybe_die
+    else:
+        target = {"tokenizer": "model.safetensors", "publish": "sids.parquet"}[point]
+        original_write = ArtifactStore.write_bytes
+
+        def write_then_maybe_die(self, data, *parts):
+            path = original_write(self, data, *parts)
+            published = point != "publish" or parts[0] == "sids"
+            if parts[-1] == target and published:
+                die()
+            return path
+
+        ArtifactStore.write_bytes = write_then_maybe_die
+
+    from sidpipe.flows.nightly import nightly_tokenization
+
+    nightly_tokenization(PipelineConfig.model_validate(json.loads(config_json)), run_date=run_date)
+    print("finished without being killed", flush=True)
+
+
+if __name__ == "__main__":
+    main()

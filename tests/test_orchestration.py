@@ -1,0 +1,350 @@
+"""Running sidpipe as its users do: shards, resume after a kill, one writer per catalog,
+backfills, task runners and global concurrency limits."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from conftest import small_config, subprocess_env
+from typer.testing import CliRunner
+from vllm_double import VLLMDouble
+
+from sidpipe.cli import app
+from sidpipe.storage.lock import LockHeldError, StoreLock
+from sidpipe.storage.manifest import published_runs, run_records
+from sidpipe.storage.store import ArtifactStore
+
+pytestmark = pytest.mark.usefixtures("prefect_api")
+DAY = date(2026, 11, 20)
+TESTS = Path(__file__).resolve().parent
+
+
+def run_flow(config, day=DAY):
+    from sidpipe.flows.nightly import nightly_tokenization
+
+    return nightly_tokenization(config, run_date=day)
+
+
+def cached_embeddings(store: ArtifactStore) -> dict[str, list[float]]:
+    """input hash -> embedding, over every part of the store's one embed cache key."""
+    from sidpipe.storage.cache import StageCache
+
+    (folder,) = store.listdir("cache", "embed")
+    key = folder.rsplit("/", 1)[-1]
+    hashes = set()
+    for part in StageCache(store, "embed", key)._parts():
+        hashes.update(store.read_parquet(store.relative(part))["input_hash"].to_pylist())
+    table = StageCache(store, "embed", key).lookup(hashes)
+    return dict(zip(table["input_hash"].to_pylist(), table["embedding"].to_pylist(), strict=True))
+
+
+# -- shards ----------------------------------------------------------------------------------------
+def test_shards_cover_every_item_once_with_the_same_embeddings(tmp_path, small_catalog):
+    whole = small_config(str(tmp_path / "one"), str(small_catalog))
+    sharded = small_config(
+        str(tmp_path / "many"), str(small_catalog), orchestration={"shard_size": 25}
+    )
+    one, many = run_flow(whole), run_flow(sharded)
+
+    assert (
+        one["counts"]
+        == many["counts"]
+        == {
+            "input": 120,
+            "assigned": 120,
+            "quarantined": 0,
+            "failed": 0,
+        }
+    )
+    assert many["stages"]["embed"]["computed"] == 120  # 5 shards, each item in exactly one
+    stores = ArtifactStore(whole.store), ArtifactStore(sharded.store)
+    tables = [
+        s.read_parquet("sids", "test-catalog", DAY.isoformat(), "sids.parquet") for s in stores
+    ]
+    assert sorted(tables[1]["item_id"].to_pylist()) == sorted(tables[0]["item_id"].to_pylist())
+    assert len(set(tables[1]["item_id"].to_pylist())) == 120
+    vectors = [cached_embeddings(s) for s in stores]
+    assert vectors[0].keys() == vectors[1].keys()
+    for h, v in vectors[0].items():
+        np.testing.assert_allclose(v, vectors[1][h], atol=1e-5)
+    # Staging (shard files, checkpoints) is cleaned once published; the run log stays.
+    run_id = many["run_id"]
+    assert [p.rsplit("/", 1)[-1] for p in stores[1].listdir("runs", run_id)] == ["_RUN.json"]
+
+
+# -- resume after a kill -----------------------------------------------------------------------------
+def kill_during_run(config, point: str, day: date = DAY) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [
+            sys.executable,
+            str(TESTS / "crash_runner.py"),
+            config.model_dump_json(),
+            day.isoformat(),
+            point,
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize("point", ["embed-shard:2", "tokenizer", "publish"])
+def test_a_killed_run_resumes_without_recomputing_finished_work(tmp_path, small_catalog, point):
+    config = small_config(
+        str(tmp_path / "store"),
+        str(small_catalog),
+        orchestration={"shard_size": 30, "max_workers": 1},
+    )
+    store = ArtifactStore(config.store)
+    killed = kill_during_run(config, point)
+    assert killed.returncode == -9, killed.stdout + killed.stderr[-3000:]
+    # Killed: not published (even where sids.parquet was already copied), logged as running.
+    assert published_runs(store) == []
+    (record,) = run_records(store)
+    assert record.status == "running" and record.attempts == 1
+    finished_embed = sum(
+        json.loads(store.read_bytes(store.relative(p)))["outcome"]["stats"]["computed"]
+        for p in store.glob(f"runs/{record.run_id}/shards/embed-*.json")
+    )
+    assert finished_embed > 0
+
+    resumed = run_flow(config)
+
+    assert resumed["run_id"] == record.run_id and resumed["attempts"] == 2
+    embed = resumed["stages"]["embed"]
+    assert embed["resumed"] == finished_embed  # finished shards were not embedded again
+    assert embed["computed"] + embed["cached"] + embed["resumed"] == 120
+    if point != "embed-shard:2":
+        assert embed["resumed"] == 120 and embed["computed"] == 0
+    if point == "publish":
+        assert resumed["stages"]["fit"]["computed"] == 0  # the tokenizer was complete
+    assert resumed["counts"] == {"input": 120, "assigned": 120, "quarantined": 0, "failed": 0}
+    sids = store.read_parquet(resumed["files"]["sids"]["path"])
+    assert sids.num_rows == 120 and len(set(sids["item_id"].to_pylist())) == 120
+    (record,) = run_records(store)  # one run, two attempts: no second record, no duplicate
+    assert record.status == "published" and record.attempts == 2
+    assert [m.run_id for m in published_runs(store)] == [record.run_id]
+
+
+def test_a_changed_setting_starts_a_new_run_instead_of_resuming(tmp_path, small_catalog):
+    config = small_config(str(tmp_path / "store"), str(small_catalog))
+    killed = kill_during_run(config, "tokenizer")
+    assert killed.returncode == -9
+    other = small_config(str(tmp_path / "store"), str(small_catalog), seed=7)
+    manifest = run_flow(other)
+    assert manifest["attempts"] == 1
+    statuses = sorted(r.status for r in run_records(ArtifactStore(config.store)))
+    assert statuses == ["published", "running"]
+
+
+# -- one writer per catalog --------------------------------------------------------------------------
+def test_local_lock_admits_one_holder_and_names_it(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    with StoreLock(store, "catalog-shop", run_id="run-a"):
+        with pytest.raises(LockHeldError, match="run-a"):
+            StoreLock(store, "catalog-shop", run_id="run-b").acquire()
+        StoreLock(store, "catalog-other", run_id="run-b").acquire().release()
+    StoreLock(store, "catalog-shop", run_id="run-b").acquire().release()
+
+
+def test_local_lock_is_freed_when_its_holder_is_killed(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from sidpipe.storage.store import ArtifactStore; "
+            "from sidpipe.storage.lock import StoreLock; "
+            f"StoreLock(ArtifactStore({str(tmp_path)!r}), 'catalog-shop', run_id='dies')"
+            ".acquire(); print('held', flush=True); time.sleep(600)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert holder.stdout.readline().strip() == "held"
+    store = ArtifactStore(str(tmp_path))
+    with pytest.raises(LockHeldError, match="dies"):
+        StoreLock(store, "catalog-shop", run_id="next").acquire()
+    holder.kill()
+    holder.wait()
+    StoreLock(store, "catalog-shop", run_id="next").acquire().release()
+
+
+def test_s3_lease_admits_one_holder_renews_and_can_be_taken_over_only_after_it_lapses(s3):
+    store = ArtifactStore(s3)
+    first = StoreLock(store, "catalog-shop", run_id="run-a", ttl_seconds=1.5).acquire()
+    with pytest.raises(LockHeldError, match="run-a"):
+        StoreLock(store, "catalog-shop", run_id="run-b", ttl_seconds=1.5).acquire()
+    time.sleep(2.5)  # the heartbeat keeps a live holder's lease
+    with pytest.raises(LockHeldError):
+        StoreLock(store, "catalog-shop", run_id="run-b", ttl_seconds=1.5).acquire()
+    first._impl._stop.set()  # the holder dies: no more heartbeats, no release
+    first._impl._heartbeat.join()
+    time.sleep(1.6)
+    # Many runs race for the lapsed lease: exactly one wins (compare-and-swap on its ETag).
+    winners, contenders = (
+        [],
+        [StoreLock(store, "catalog-shop", run_id=f"run-{i}", ttl_seconds=30) for i in range(6)],
+    )
+
+    def contend(lock):
+        try:
+            winners.append(lock.acquire())
+        except LockHeldError:
+            pass
+
+    threads = [threading.Thread(target=contend, args=(c,)) for c in contenders]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(winners) == 1
+    assert first._impl.current_holder()["run_id"] == winners[0].holder["run_id"]
+    first.release()  # a late release by the dead holder must not free the winner's lock
+    with pytest.raises(LockHeldError):
+        StoreLock(store, "catalog-shop", run_id="late", ttl_seconds=30).acquire()
+    winners[0].release()
+    StoreLock(store, "catalog-shop", run_id="late", ttl_seconds=30).acquire().release()
+
+
+def cli_run(store: str, catalog: Path, day: str, *extra: str, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "sidpipe.cli",
+            "run",
+            "--store",
+            store,
+            "--catalog",
+            str(catalog),
+            "--catalog-name",
+            "test-catalog",
+            "--run-date",
+            day,
+            *extra,
+        ],
+        env=subprocess_env(
+            SIDPIPE_TOKENIZER_CODEBOOK_SIZES="[8,8,8]",
+            SIDPIPE_TOKENIZER_MIN_POINTS_PER_CODE="4",
+            SIDPIPE_TOKENIZER_EPOCHS="5",
+            SIDPIPE_TOKENIZER_HIDDEN_DIMS="[64]",
+            SIDPIPE_TOKENIZER_LATENT_DIM="16",
+            COLUMNS="200",
+            **env,
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_a_run_outside_prefect_is_refused_while_another_run_holds_the_catalog(
+    tmp_path, small_catalog
+):
+    store = ArtifactStore(str(tmp_path / "store"))
+    with StoreLock(store, "catalog-test-catalog", run_id="nightly-elsewhere"):
+        proc = cli_run(store.root_uri, small_catalog, "2026-11-20")
+        out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 2, out
+    assert "locked by run nightly-elsewhere" in " ".join(out.split())
+    assert published_runs(store) == []
+
+
+def test_two_runs_at_once_on_one_store_take_turns_and_both_publish(tmp_path, small_catalog):
+    store = ArtifactStore(str(tmp_path / "store"))
+    wait = {"SIDPIPE_ORCHESTRATION_LOCK_WAIT_SECONDS": "300"}
+    procs = [
+        cli_run(store.root_uri, small_catalog, day, **wait) for day in ("2026-11-20", "2026-11-21")
+    ]
+    outputs = [p.communicate(timeout=400)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    runs = published_runs(store)
+    assert [str(m.run_date) for m in runs] == ["2026-11-20", "2026-11-21"]
+    records = sorted(run_records(store), key=lambda r: r.started_at)
+    assert records[0].finished_at <= records[1].started_at  # one after the other, never both
+    for manifest in runs:  # every published file is exactly what its manifest says
+        for entry in manifest.files.values():
+            data = store.read_bytes(entry.path)
+            assert len(data) == entry.bytes
+    from sidpipe.storage.registry import read_registry
+
+    assert read_registry(store, "test-catalog").pinned == runs[0].tokenizer_id
+
+
+# -- backfill ------------------------------------------------------------------------------------
+def test_backfill_publishes_one_run_per_date_in_order_with_stable_sids(tmp_path, small_catalog):
+    config_file = tmp_path / "sidpipe.yaml"
+    config = small_config(str(tmp_path / "store"), str(small_catalog))
+    config_file.write_text(yaml.safe_dump(config.model_dump(mode="json")))
+    result = CliRunner().invoke(
+        app,
+        ["backfill", "--from", "2026-11-01", "--to", "2026-11-03", "--config", str(config_file)],
+    )
+    assert result.exit_code == 0, result.output
+    store = ArtifactStore(config.store)
+    runs = published_runs(store, "test-catalog")
+    assert [str(m.run_date) for m in runs] == ["2026-11-01", "2026-11-02", "2026-11-03"]
+    tables = [store.read_parquet(m.files["sids"].path).sort_by("item_id") for m in runs]
+    assert tables[0]["sid"].to_pylist() == tables[2]["sid"].to_pylist()
+    assert set(tables[2]["first_assigned"].to_pylist()) == {date(2026, 11, 1)}
+    assert "2026-11-03" in result.output and "Completed" in result.output
+
+
+def test_backfill_refuses_an_empty_range(tmp_path):
+    result = CliRunner().invoke(app, ["backfill", "--from", "2026-11-03", "--to", "2026-11-01"])
+    assert result.exit_code == 2 and "range is empty" in result.output
+
+
+# -- task runners --------------------------------------------------------------------------------
+@pytest.mark.parametrize("runner", ["process", "dask"])
+def test_other_task_runners_run_the_same_flow(tmp_path, small_catalog, runner):
+    if runner == "dask":
+        pytest.importorskip("prefect_dask")
+    config = small_config(
+        str(tmp_path / "store"),
+        str(small_catalog),
+        orchestration={"shard_size": 40, "task_runner": runner, "max_workers": 2},
+    )
+    manifest = run_flow(config)
+    assert manifest["counts"]["assigned"] == 120
+    assert manifest["stages"]["embed"]["computed"] == 120
+
+
+# -- global concurrency limits ---------------------------------------------------------------------
+def test_model_shards_hold_a_strict_global_concurrency_limit(tmp_path, small_catalog):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.exceptions import ObjectNotFound
+
+    with VLLMDouble("Qwen/Qwen2.5-VL-7B-Instruct", capacity=16) as vlm:
+        config = small_config(
+            str(tmp_path / "store"),
+            str(small_catalog),
+            orchestration={"shard_size": 40, "concurrency_limits": True},
+        ).model_copy(deep=True)
+        config.caption.url = vlm.url
+        with get_client(sync_client=True) as client:  # bootstrap tests may have made it
+            try:
+                client.delete_global_concurrency_limit_by_name("sidpipe-caption")
+            except ObjectNotFound:
+                pass
+        # Strict: without the limit the run stops instead of running unthrottled.
+        with pytest.raises(Exception, match="sidpipe-caption"):
+            run_flow(config)
+        with get_client(sync_client=True) as client:
+            client.create_global_concurrency_limit(
+                GlobalConcurrencyLimitCreate(name="sidpipe-caption", limit=1)
+            )
+        manifest = run_flow(config)
+    assert manifest["stages"]["caption"]["computed"] == 120
+    assert manifest["counts"]["assigned"] == 120
