@@ -136,6 +136,35 @@ def test_a_killed_run_resumes_without_recomputing_finished_work(tmp_path, small_
     assert [m.run_id for m in published_runs(store)] == [record.run_id]
 
 
+def test_a_run_killed_on_s3_resumes_after_its_lease_lapses(s3, small_catalog):
+    # The killed run's lease stays in the bucket until it lapses (no kernel to drop it): the
+    # next run waits for that, takes the lease over and continues the killed run.
+    config = small_config(
+        f"{s3}/sidpipe",
+        str(small_catalog),
+        orchestration={
+            "shard_size": 30,
+            "max_workers": 1,
+            "lock_ttl_seconds": 4,
+            "lock_wait_seconds": 60,
+        },
+    )
+    store = ArtifactStore(config.store)
+    killed = kill_during_run(config, "embed-shard:2")
+    assert killed.returncode == -9, killed.stdout + killed.stderr[-3000:]
+    assert store.exists("locks", "catalog-test-catalog.json")  # the dead run's lease
+    (record,) = run_records(store)
+
+    resumed = run_flow(config)
+
+    assert resumed["run_id"] == record.run_id and resumed["attempts"] == 2
+    embed = resumed["stages"]["embed"]
+    assert 0 < embed["resumed"] < 120 and embed["computed"] + embed["resumed"] == 120
+    assert resumed["counts"]["assigned"] == 120
+    assert not store.exists("locks", "catalog-test-catalog.json")  # released when done
+    assert [m.run_id for m in published_runs(store)] == [record.run_id]
+
+
 def test_a_changed_setting_starts_a_new_run_instead_of_resuming(tmp_path, small_catalog):
     config = small_config(str(tmp_path / "store"), str(small_catalog))
     killed = kill_during_run(config, "tokenizer")
