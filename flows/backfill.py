@@ -6,7 +6,7 @@ published table before its date (stable SIDs): a later date must see the earlier
 With `deployment` (the default when it runs on a worker), each date is a run of that deployment
 (`nightly-tokenization/nightly`): it shows in the UI as a child of the backfill, runs on the
 deployment's work pool under its concurrency limit, and gets an idempotency key, so retrying the
-backfill never starts a date twice. Without one (`sidpipe backfill` on a laptop), each date runs
+backfill never runs a date twice that already succeeded (a failed date runs again). Without one (`sidpipe backfill` on a laptop), each date runs
 in this process as a subflow.
 """
 
@@ -18,10 +18,14 @@ from prefect import flow, get_run_logger
 from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
-from sidpipe.config import PipelineConfig
+from sidpipe.config import PipelineConfig, load_config
 from sidpipe.flows.nightly import nightly_tokenization
 
 NIGHTLY_DEPLOYMENT = "nightly-tokenization/nightly"
+
+
+def _completed(child) -> bool:
+    return child.state is not None and child.state.is_completed()
 
 
 def dates_between(start: date, end: date) -> list[date]:
@@ -30,16 +34,15 @@ def dates_between(start: date, end: date) -> list[date]:
     return [start + timedelta(days=i) for i in range((end - start).days + 1)]
 
 
-def config_overrides(config: PipelineConfig | None) -> dict:
-    """The settings a caller chose, as a child run's parameter (the worker's SIDPIPE_* env
-    fills in the rest). API keys never travel as parameters: workers get them from env."""
-    if config is None:
-        return {}
-    overrides = config.model_dump(mode="json", exclude_unset=True)
-    for section in overrides.values():
-        if isinstance(section, dict):
-            section.pop("api_key", None)
-    return overrides
+def without_secrets(overrides: dict | None) -> dict:
+    """Settings for a child run's `config` parameter. API keys never travel as parameters
+    (Prefect shows parameters in the UI): workers get them from their environment."""
+    cleaned = {}
+    for key, value in (overrides or {}).items():
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k != "api_key"}
+        cleaned[key] = value
+    return cleaned
 
 
 @flow(name="sidpipe-backfill", log_prints=True)
@@ -47,13 +50,18 @@ def backfill(
     start: date,
     end: date,
     deployment: str | None = NIGHTLY_DEPLOYMENT,
+    overrides: dict | None = None,
     config: PipelineConfig | None = None,
     stop_on_failure: bool = True,
 ) -> list[dict]:
-    """Run the nightly tokenization for every date from `start` to `end` (inclusive)."""
+    """Run the nightly tokenization for every date from `start` to `end` (inclusive).
+
+    `overrides`: settings for every date's run, as a partial config (e.g. {"catalog": {"uri":
+    ...}}); the deployment's workers fill in the rest from their SIDPIPE_* environment.
+    `config`: the whole config, for runs in this process (no deployment)."""
     logger = get_run_logger()
     days = dates_between(start, end)
-    overrides = config_overrides(config)
+    overrides = without_secrets(overrides)
     results: list[dict] = []
     for day in days:
         if deployment:
@@ -62,19 +70,29 @@ def backfill(
             parameters: dict = {"run_date": day.isoformat()}
             if overrides:
                 parameters["config"] = overrides
+            key = f"sidpipe-backfill-{flow_run.id}-{day.isoformat()}"
             child = run_deployment(
                 deployment,
                 parameters=parameters,
                 flow_run_name=f"backfill-{day.isoformat()}",
-                idempotency_key=f"sidpipe-backfill-{flow_run.id}-{day.isoformat()}",
+                idempotency_key=key,  # a retried backfill gets the date's finished run back
                 poll_interval=2,
             )
-            ok = child.state is not None and child.state.is_completed()
+            if not _completed(child) and (flow_run.run_count or 1) > 1:
+                # A retry of the backfill: run a date that failed before once more.
+                child = run_deployment(
+                    deployment,
+                    parameters=parameters,
+                    flow_run_name=f"backfill-{day.isoformat()}",
+                    idempotency_key=f"{key}-retry-{flow_run.run_count}",
+                    poll_interval=2,
+                )
+            ok = _completed(child)
             state = child.state.name if child.state else "unknown"
             result = {"run_date": day.isoformat(), "state": state, "flow_run": str(child.id)}
         else:
             state = nightly_tokenization(
-                config or PipelineConfig(), run_date=day, return_state=True
+                config or load_config(**overrides), run_date=day, return_state=True
             )
             ok = state.is_completed()
             result = {"run_date": day.isoformat(), "state": state.name, "flow_run": ""}
@@ -82,13 +100,14 @@ def backfill(
                 manifest = state.result()
                 result["run_id"] = manifest["run_id"]
                 result["assigned"] = manifest["counts"]["assigned"]
+        result["ok"] = ok
         results.append(result)
         logger.info("backfill %s: %s", day, result["state"])
         if not ok and stop_on_failure:
             logger.error("backfill stops at %s (stop_on_failure): later dates not run", day)
             break
     create_table_artifact(results, key="backfill-summary", description=f"Backfill {start} .. {end}")
-    failed = [r["run_date"] for r in results if r["state"] != "Completed"]
+    failed = [r["run_date"] for r in results if not r["ok"]]
     if failed or len(results) < len(days):
         raise RuntimeError(
             f"backfill {start}..{end}: {len(results) - len(failed)} of {len(days)} dates "

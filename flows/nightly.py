@@ -16,6 +16,7 @@ from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger, unmapped
+from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from sidpipe.config import PipelineConfig, resolve_config
@@ -70,14 +71,17 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
     store = ArtifactStore(config.store)
     orchestration = config.orchestration
     run_id = new_run_id(parent_run)
-    with StoreLock(
+    lock = StoreLock(
         store,
         f"catalog-{config.catalog.name}",
         run_id=run_id,
         ttl_seconds=orchestration.lock_ttl_seconds,
         wait_seconds=orchestration.lock_wait_seconds,
-    ):
+    )
+    with lock:
         run, record = start_run(store, config, run_date, run_id, parent_run)
+        lock.set_run_id(run.run_id)  # a resumed run goes on under the older run id
+        run = run.model_copy(update={"lock_token": lock.token})
         logger.info(
             "run %s (attempt %d): catalog %s for %s into %s",
             run.run_id,
@@ -86,9 +90,10 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
             run.run_date,
             store.root_uri,
         )
+        shards_in_flight: list = []
         try:
             ingest = ingest_task(config, run)
-            shards = list(range(ingest.shards))
+            shards = list(range(ingest.shard_count))
             # Per shard, interests waits only for its own shard's captions, embed for its own
             # interests: shards flow through the three stages independently.
             captions = caption_task.map(unmapped(config), unmapped(run), shards)
@@ -98,14 +103,19 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
             embeds = embed_task.map(
                 unmapped(config), unmapped(run), unmapped(ingest), shards, captions, interests
             )
+            shards_in_flight = [*captions, *interests, *embeds]
             # .result() raises a shard's own error (e.g. a model server that is down).
             caption = gather_task(config.store, run, [f.result() for f in captions])
             interest = gather_task(config.store, run, [f.result() for f in interests])
             embed = gather_task(config.store, run, [f.result() for f in embeds])
             fit = fit_task(config, run, embed)
             assign = assign_task(config, run, embed, fit)
+            lock.ensure_held()
             manifest = publish_task(config, run, ingest, [caption, interest, embed], fit, assign)
         except BaseException as exc:
+            # Shards still running keep writing into this run's folder: let them finish
+            # before the lock is given back and another attempt may adopt the folder.
+            wait(shards_in_flight)
             mark_failed(store, record, exc)
             raise
         mark_published(store, record, manifest)

@@ -78,7 +78,6 @@ class SentenceTransformerEmbedder:
     @property
     def model(self):
         if self._model is None:
-            # Never reach the hub: the weights are a local folder inside an installed package.
             self._model = _load_sentence_transformer(str(self.model_dir), self.device)
         return self._model
 

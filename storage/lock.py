@@ -16,6 +16,7 @@ pid, since) are stored beside it so a refused run can say who holds the catalog.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import threading
@@ -27,6 +28,7 @@ from typing import Any
 from sidpipe.storage.store import ArtifactStore, StoreError
 
 LOCKS_DIR = "locks"
+log = logging.getLogger(__name__)
 
 
 class LockHeldError(RuntimeError):
@@ -44,6 +46,10 @@ class LockHeldError(RuntimeError):
             "orchestration.lock_wait_seconds), a killed run's lock lapses by itself"
         )
         self.holder = holder
+
+
+class LockLostError(RuntimeError):
+    """This run no longer holds its lock (its lease lapsed and another run took it over)."""
 
 
 def _now() -> datetime:
@@ -76,7 +82,15 @@ class StoreLock:
             "acquired_at": None,
             "expires_at": None,
         }
-        self._impl = _FileLock(self) if store.protocol == "file" else _LeaseLock(self)
+        if store.protocol == "file":
+            self._impl = _FileLock(self)
+        elif store.protocol in ("s3", "s3a"):
+            self._impl = _LeaseLock(self)
+        else:
+            raise NotImplementedError(
+                f"no lock for {store.protocol}:// stores (local folders and S3 have one); "
+                "keep one writer per catalog yourself"
+            )
 
     def acquire(self) -> StoreLock:
         deadline = time.monotonic() + self.wait
@@ -89,7 +103,21 @@ class StoreLock:
             time.sleep(self.poll)
 
     def release(self) -> None:
-        self._impl.release()
+        """Give the lock back; a storage error here is logged, never raised (the run's work is
+        done, and a lease left behind lapses by itself)."""
+        try:
+            self._impl.release()
+        except Exception as exc:  # noqa: BLE001
+            log.warning("could not release lock %s: %s (it lapses by itself)", self.name, exc)
+
+    def set_run_id(self, run_id: str) -> None:
+        """Name the run that holds the lock (a resumed run adopts an older run id)."""
+        self.holder["run_id"] = run_id
+        self._impl.rewrite()
+
+    def ensure_held(self) -> None:
+        """Raise LockLostError unless this run still holds the lock: call before publishing."""
+        self._impl.ensure_held()
 
     def __enter__(self) -> StoreLock:
         return self.acquire()
@@ -121,6 +149,15 @@ class _FileLock:
         self.fd = fd
         return True
 
+    def rewrite(self) -> None:
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.pwrite(self.fd, json.dumps(self.lock.holder).encode(), 0)
+
+    def ensure_held(self) -> None:
+        if self.fd is None:
+            raise LockLostError(f"{self.lock.name}: this run does not hold the lock")
+
     def current_holder(self) -> dict | None:
         try:
             with open(self.path, "rb") as handle:
@@ -150,6 +187,7 @@ class _LeaseLock:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self.lost: str | None = None  # why the lease was lost, if it was
+        self.renewed = 0.0  # time.monotonic() of the last successful write of the lease
 
     def _body(self) -> bytes:
         self.lock.holder["expires_at"] = (_now() + timedelta(seconds=self.lock.ttl)).isoformat()
@@ -171,6 +209,7 @@ class _LeaseLock:
         response = self.fs.call_s3(
             "put_object", Bucket=bucket, Key=key, Body=self._body(), **condition
         )
+        self.renewed = time.monotonic()
         return response["ETag"]
 
     def try_acquire(self) -> bool:
@@ -203,15 +242,39 @@ class _LeaseLock:
         )
         self._heartbeat.start()
 
+    def _renew(self) -> None:
+        try:
+            self.etag = self._put(IfMatch=self.etag)
+        except Exception as exc:  # noqa: BLE001 - a heartbeat must never kill the run
+            if not _precondition_failed(exc):
+                # Transient storage trouble: try again at the next beat (the TTL allows 3).
+                log.warning("lock %s: renewal failed, retrying: %s", self.lock.name, exc)
+                return
+            holder, etag = self._read()
+            if holder and holder.get("token") == self.lock.token:
+                # Our own earlier write won but its reply was lost: the lease is still ours.
+                self.etag = etag
+                self._renew()
+                return
+            self.lost = "another run took the lease over after it lapsed"
+            log.error("lock %s lost: %s", self.lock.name, self.lost)
+            self._stop.set()
+
     def _renew_until_stopped(self) -> None:
         while not self._stop.wait(self.lock.ttl / 3):
-            try:
-                self.etag = self._put(IfMatch=self.etag)
-            except Exception as exc:  # noqa: BLE001 - a heartbeat must never kill the run
-                if _precondition_failed(exc):
-                    self.lost = "taken over by another run after the lease lapsed"
-                    return
-                # Transient storage trouble: try again at the next beat (the TTL allows 3).
+            self._renew()
+
+    def rewrite(self) -> None:
+        self._renew()
+
+    def ensure_held(self) -> None:
+        if self.lost:
+            raise LockLostError(f"{self.lock.name}: {self.lost}")
+        if time.monotonic() - self.renewed > self.lock.ttl:
+            raise LockLostError(
+                f"{self.lock.name}: the lease was not renewed for {self.lock.ttl:.0f}s; another "
+                "run may have taken it over"
+            )
 
     def current_holder(self) -> dict | None:
         return self._read()[0]
@@ -232,6 +295,31 @@ def _precondition_failed(exc: BaseException) -> bool:
     return (
         isinstance(exc, FileExistsError)
         or "PreconditionFailed" in text
-        or "412" in text
-        or ("pre-conditions" in text)
+        or "pre-conditions you specified did not hold" in text
     )
+
+
+def current_holder(store: ArtifactStore, name: str) -> dict | None:
+    """Who holds the lock now, read from the store (works from any process or worker)."""
+    if store.protocol == "file":
+        try:
+            with open(store.path(LOCKS_DIR, f"{name}.lock"), "rb") as handle:
+                return json.loads(handle.read() or b"null")
+        except (OSError, ValueError):
+            return None
+    try:
+        return json.loads(store.read_bytes(LOCKS_DIR, f"{name}.json"))
+    except (FileNotFoundError, ValueError):
+        return None
+
+
+def ensure_holder(store: ArtifactStore, name: str, token: str | None) -> None:
+    """Raise LockLostError unless the lock's holder is the run with this token (None: no
+    lock to check). Shard tasks call it before their checkpoint: a run whose lease was taken
+    over must not mark work done in a folder that now belongs to another attempt."""
+    if token is None:
+        return
+    holder = current_holder(store, name)
+    if not holder or holder.get("token") != token:
+        who = holder.get("run_id") if holder else "nobody"
+        raise LockLostError(f"{name} is no longer held by this run (holder: {who})")

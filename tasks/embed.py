@@ -27,7 +27,7 @@ from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.enrich import endpoint_settings, shard_limit
+from sidpipe.tasks.enrich import endpoint_settings
 from sidpipe.tasks.ingest import IngestOutcome, attribute_text
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
@@ -37,6 +37,7 @@ from sidpipe.tasks.stage import (
     progress_artifact,
     read_index,
     run_shard,
+    shard_limit,
     stage_values,
     write_errors,
     write_index,
@@ -247,7 +248,9 @@ def embed_task(
             progress=progress_artifact(f"embed shard {shard}"),
         )
 
-    outcome = run_shard(store, run, "embed", compute, shard_limit(config, "embed", config.embed))
+    outcome = run_shard(
+        store, run, "embed", compute, shard_limit(config.orchestration, "embed", config.embed)
+    )
     s = outcome.stats
     get_run_logger().info(
         "embed shard %d: %d computed, %d cached, %d resumed, %d failed in %.1fs",

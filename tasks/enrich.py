@@ -60,6 +60,7 @@ from sidpipe.tasks.stage import (
     failed_items,
     progress_artifact,
     run_shard,
+    shard_limit,
     stage_values,
     write_errors,
     write_index,
@@ -378,13 +379,6 @@ def interests_stage(
 
 
 # -- Prefect tasks (one run per item shard) -------------------------------------------------
-def shard_limit(config: PipelineConfig, stage: str, endpoint: ModelEndpointConfig) -> str | None:
-    """The global concurrency limit a model-served shard holds a slot of, when configured."""
-    if config.orchestration.concurrency_limits and endpoint.urls:
-        return f"sidpipe-{stage}"
-    return None
-
-
 @task(name="caption", **TASK_OPTIONS)
 def caption_task(config: PipelineConfig, run: RunInfo, shard: int) -> StageOutcome:
     store, run = ArtifactStore(config.store), run.for_shard(shard)
@@ -400,7 +394,7 @@ def caption_task(config: PipelineConfig, run: RunInfo, shard: int) -> StageOutco
             config.catalog.allow_http_images,
             progress=progress_artifact(f"caption shard {shard}") if config.caption.urls else None,
         ),
-        shard_limit(config, "caption", config.caption),
+        shard_limit(config.orchestration, "caption", config.caption),
     )
 
 
@@ -429,5 +423,5 @@ def interests_task(
             if config.interests.urls
             else None,
         ),
-        shard_limit(config, "interests", config.interests),
+        shard_limit(config.orchestration, "interests", config.interests),
     )

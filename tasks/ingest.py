@@ -453,7 +453,7 @@ class IngestOutcome(StageOutcome):
     catalog_sha256: str = ""
     items_hash: str = ""  # hash of every item hash, in item_id order
     attribute_columns: list[str] = []
-    shards: int = 1  # item shards the per-item stages map over
+    shard_count: int = 1  # item shards the per-item stages map over
 
 
 ITEMS_FILE = "items.parquet"
@@ -485,7 +485,7 @@ def ingest_stage(
         catalog_sha256=result.catalog_sha256,
         items_hash=hash_strings(items["item_hash"].to_pylist()),
         attribute_columns=result.attribute_columns,
-        shards=shards,
+        shard_count=shards,
     )
 
 

@@ -25,10 +25,23 @@ from sidpipe.storage.manifest import (
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.stage import RunInfo
 
+# How a model server is reached, not what it computes: moving a replica must not block resume.
+ENDPOINT_OPERATIONS = {"url", "api_key", "max_in_flight", "timeout_seconds", "max_retries"}
+
 
 def settings_fingerprint(config: PipelineConfig) -> str:
-    """Hash of every setting that can change a result: all but how the work is spread."""
-    return stable_hash(config.model_dump(mode="json", exclude={"orchestration"}), 16)
+    """Hash of the settings that can change a result: not how the work is spread, not how the
+    model servers are reached."""
+    return stable_hash(
+        config.model_dump(
+            mode="json",
+            exclude={
+                "orchestration": True,
+                **{s: ENDPOINT_OPERATIONS for s in ("caption", "interests", "embed")},
+            },
+        ),
+        16,
+    )
 
 
 def new_run_id(prefect_flow_run_id: str | None = None) -> str:

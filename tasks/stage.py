@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from sidpipe.storage.cache import StageCache
 from sidpipe.storage.hashing import hash_strings
+from sidpipe.storage.lock import ensure_holder
 from sidpipe.storage.manifest import StageStats, staging_dir
 from sidpipe.storage.store import ArtifactStore, StoreError, concat_tables
 
@@ -71,6 +72,11 @@ class RunInfo(BaseModel):
     started_at: datetime
     attempt: int = 1  # 2+ when a killed or failed run is resumed
     shard: int | None = None  # set for a shard task: its files get the shard's suffix
+    lock_token: str | None = None  # the catalog lock this run holds (checked before checkpoints)
+
+    @property
+    def lock_name(self) -> str:
+        return f"catalog-{self.catalog}"
 
     def for_shard(self, shard: int) -> RunInfo:
         return self.model_copy(update={"shard": shard})
@@ -192,17 +198,21 @@ def _checkpoint(stage: str, shard: int) -> tuple[str, str]:
 
 
 def finished_shard(
-    store: ArtifactStore, run: RunInfo, stage: str, items: pa.Table, outcome_type=None
+    store: ArtifactStore, run: RunInfo, stage: str, items: pa.Table
 ) -> StageOutcome | None:
     """The outcome an earlier attempt of this run recorded for this shard, if it finished it on
-    the same items; its work counts as `resumed`, not computed again."""
+    the same items without per-item failures; its work counts as `resumed`, not computed again.
+    A shard with failures is computed again: its successes come from the cache, its failures
+    get another try."""
     parts = (*staging_dir(run.run_id), *_checkpoint(stage, run.shard))
     if run.attempt == 1 or not store.exists(*parts):
         return None
     saved = store.read_json(*parts)
     if saved.get("items") != hash_strings(items["item_hash"].to_pylist()):
         return None  # the catalog changed between attempts: compute the shard again
-    outcome = (outcome_type or StageOutcome).model_validate(saved["outcome"])
+    outcome = StageOutcome.model_validate(saved["outcome"])
+    if outcome.stats.failed:
+        return None
     s = outcome.stats
     outcome.stats = StageStats(
         resumed=s.computed + s.cached + s.resumed, skipped=s.skipped, failed=s.failed
@@ -248,8 +258,16 @@ def run_shard(
         guard = nullcontext()
     with guard:
         outcome = compute(items)
+    ensure_holder(store, run.lock_name, run.lock_token)
     save_checkpoint(store, run, outcome, items)
     return outcome
+
+
+def shard_limit(orchestration, stage: str, endpoint) -> str | None:
+    """The Prefect global concurrency limit a model-served shard holds a slot of, if enabled."""
+    if orchestration.concurrency_limits and endpoint.urls:
+        return f"sidpipe-{stage}"
+    return None
 
 
 def gather_shards(store: ArtifactStore, run: RunInfo, shards: list[StageOutcome]) -> StageOutcome:

@@ -12,6 +12,7 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import yaml
 from conftest import small_config, subprocess_env
@@ -19,7 +20,7 @@ from typer.testing import CliRunner
 from vllm_double import VLLMDouble
 
 from sidpipe.cli import app
-from sidpipe.storage.lock import LockHeldError, StoreLock
+from sidpipe.storage.lock import LockHeldError, LockLostError, StoreLock, ensure_holder
 from sidpipe.storage.manifest import published_runs, run_records
 from sidpipe.storage.store import ArtifactStore
 
@@ -176,6 +177,25 @@ def test_a_changed_setting_starts_a_new_run_instead_of_resuming(tmp_path, small_
     assert statuses == ["published", "running"]
 
 
+def test_a_shard_that_finished_with_failures_is_computed_again_on_resume(tmp_path):
+    from sidpipe.storage.manifest import StageStats, utcnow
+    from sidpipe.tasks.stage import RunInfo, StageOutcome, finished_shard, save_checkpoint
+
+    store = ArtifactStore(str(tmp_path))
+    run = RunInfo(run_id="r", run_date=DAY, catalog="c", started_at=utcnow(), shard=0)
+    items = pa.table({"item_hash": ["h1", "h2"]})
+    clean = StageOutcome(stage="embed", key="k", stats=StageStats(computed=2))
+    save_checkpoint(store, run, clean, items)
+    resumed = finished_shard(store, run.model_copy(update={"attempt": 2}), "embed", items)
+    assert resumed.stats.resumed == 2 and resumed.stats.computed == 0
+    failed = StageOutcome(stage="embed", key="k", stats=StageStats(computed=1, failed=1))
+    save_checkpoint(store, run, failed, items)
+    assert finished_shard(store, run.model_copy(update={"attempt": 2}), "embed", items) is None
+    changed = pa.table({"item_hash": ["h1", "h3"]})
+    save_checkpoint(store, run, clean, items)
+    assert finished_shard(store, run.model_copy(update={"attempt": 2}), "embed", changed) is None
+
+
 # -- one writer per catalog --------------------------------------------------------------------------
 def test_local_lock_admits_one_holder_and_names_it(tmp_path):
     store = ArtifactStore(str(tmp_path))
@@ -238,6 +258,11 @@ def test_s3_lease_admits_one_holder_renews_and_can_be_taken_over_only_after_it_l
         t.join()
     assert len(winners) == 1
     assert first._impl.current_holder()["run_id"] == winners[0].holder["run_id"]
+    with pytest.raises(LockLostError):  # the stalled holder finds out before it writes more
+        first.ensure_held()
+    with pytest.raises(LockLostError):  # ... and so do its shard tasks, from any process
+        ensure_holder(store, "catalog-shop", first.token)
+    ensure_holder(store, "catalog-shop", winners[0].token)
     first.release()  # a late release by the dead holder must not free the winner's lock
     with pytest.raises(LockHeldError):
         StoreLock(store, "catalog-shop", run_id="late", ttl_seconds=30).acquire()
