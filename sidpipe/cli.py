@@ -23,7 +23,7 @@ from rich.markdown import Markdown
 from rich.markup import escape
 from rich.table import Table
 
-from sidpipe.config import ConfigError, load_config
+from sidpipe.config import ConfigError, deep_merge, load_config
 
 app = typer.Typer(
     name="sidpipe",
@@ -68,6 +68,12 @@ def _table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) ->
     return table
 
 
+def _catalog_settings(uri: str | None, name: str | None) -> dict | None:
+    """--catalog / --catalog-name as a config section (None: neither given)."""
+    chosen = {k: v for k, v in {"uri": uri, "name": name}.items() if v}
+    return chosen or None
+
+
 def _fail(message: str) -> typer.Exit:
     # Escaped (messages hold paths and `[...]`) and never hard-wrapped (paths stay copyable).
     err.print(f"[bold red]error:[/] {escape(message)}", soft_wrap=True)
@@ -104,12 +110,7 @@ def run(
     publish. Unchanged items and tokenizers come from the cache."""
     _prefect_defaults()
     try:
-        cfg = load_config(config, store=store)
-        if catalog or catalog_name:
-            updates = {k: v for k, v in {"uri": catalog, "name": catalog_name}.items() if v}
-            cfg = cfg.model_copy(
-                update={"catalog": cfg.catalog.model_validate(cfg.catalog.model_dump() | updates)}
-            )
+        cfg = load_config(config, store=store, catalog=_catalog_settings(catalog, catalog_name))
         if refit:
             cfg = cfg.model_copy(
                 update={"tokenizer": cfg.tokenizer.model_copy(update={"refit": True})}
@@ -593,15 +594,17 @@ def backfill(
     _prefect_defaults()
     try:
         first, last = date.fromisoformat(start), date.fromisoformat(end)
-        from sidpipe.flows.backfill import config_overrides, dates_between
+        from sidpipe.flows.backfill import dates_between
 
         days = dates_between(first, last)
-        cfg = load_config(config, store=store)
-        if catalog or catalog_name:
-            updates = {k: v for k, v in {"uri": catalog, "name": catalog_name}.items() if v}
-            cfg = cfg.model_copy(
-                update={"catalog": cfg.catalog.model_validate(cfg.catalog.model_dump() | updates)}
-            )
+        cfg = load_config(config, store=store, catalog=_catalog_settings(catalog, catalog_name))
+        # What the caller chose (YAML file and options), without this machine's SIDPIPE_*
+        # environment: runs on workers take the rest from theirs.
+        options = {"store": store, "catalog": _catalog_settings(catalog, catalog_name)}
+        chosen = deep_merge(
+            yaml.safe_load(Path(config).read_text()) or {} if config else {},
+            {k: v for k, v in options.items() if v is not None},
+        )
     except (ConfigError, ValueError) as exc:
         raise _fail(str(exc)) from None
     if (deployment or submit) and not os.environ.get("PREFECT_API_URL"):
@@ -613,9 +616,8 @@ def backfill(
         parameters = {"start": first.isoformat(), "end": last.isoformat()}
         if deployment:
             parameters["deployment"] = deployment
-        explicit = {k: v for k, v in {"store": store}.items() if v}
-        if config or explicit or catalog or catalog_name:
-            parameters["config"] = config_overrides(cfg)
+        if chosen:
+            parameters["overrides"] = chosen
         child = run_deployment(
             "sidpipe-backfill/backfill", parameters=parameters, timeout=0, as_subflow=False
         )
@@ -631,7 +633,8 @@ def backfill(
         first,
         last,
         deployment=deployment,
-        config=cfg,
+        overrides=chosen,
+        config=None if deployment else cfg,
         stop_on_failure=not keep_going,
         return_state=True,
     )
@@ -792,6 +795,81 @@ def bootstrap_command(
         if code:
             raise _fail(f"prefect deploy --all failed (exit code {code})")
         console.print("deployments registered from prefect.yaml")
+
+
+train_app = typer.Typer(help="Training flows that read the published artifacts.")
+app.add_typer(train_app, name="train")
+
+
+@train_app.command("genrec")
+def train_genrec_command(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Preset (cpu-small, beauty-cpu, beauty, beauty-multitask, "
+            "sasrec-beauty) or a YAML file.",
+        ),
+    ] = "cpu-small",
+    store: StoreOption = None,
+    catalog: Annotated[str | None, typer.Option(help="Catalog of the published SIDs.")] = None,
+    run_date: Annotated[str | None, typer.Option(help="Published run date [latest].")] = None,
+    interactions: Annotated[
+        str | None, typer.Option(help="Parquet with user_id, item_id, timestamp.")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="tiger or sasrec.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs (early stopping).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+) -> None:
+    """Train the TIGER-style generative recommender (or SASRec) on a catalog's published SIDs
+    and evaluate it (leave-one-out, full ranking, constrained beam search)."""
+    from sidpipe.config import train_config
+
+    _prefect_defaults()
+    try:
+        cfg = train_config(
+            config,
+            store=store or os.environ.get("SIDPIPE_STORE"),
+            catalog=catalog,
+            run_date=run_date,
+            interactions=interactions,
+            model=model,
+            epochs=epochs,
+            device=device,
+            seed=seed,
+        )
+    except ConfigError as exc:
+        raise _fail(str(exc)) from None
+    from sidpipe.flows.train_genrec import train_genrec
+    from sidpipe.tasks.train_data import TrainingDataError
+
+    try:
+        metrics = train_genrec(cfg)
+    except TrainingDataError as exc:
+        raise _fail(str(exc)) from None
+    table = _table(
+        f"{cfg.name} ({cfg.model}): {metrics['users']:,} test users, {metrics['items']:,} items",
+        ("", "R@5", "R@10", "N@5", "N@10", "users"),
+        right=("R@5", "R@10", "N@5", "N@10", "users"),
+    )
+    rows = [("all", {**metrics})] + list(metrics["by_popularity"].items())
+    for name, m in rows:
+        table.add_row(
+            name,
+            f"{m['recall@5']:.4f}",
+            f"{m['recall@10']:.4f}",
+            f"{m['ndcg@5']:.4f}",
+            f"{m['ndcg@10']:.4f}",
+            f"{m['users']:,}",
+        )
+    console.print(table)
+    console.print(
+        f"invalid SIDs without the trie: {metrics['invalid_rate']:.2%}; {metrics['epochs']} "
+        f"epochs in {metrics['train_seconds']:.0f}s on {metrics['machine']}; "
+        f"written to training/genrec/{metrics['run_id']}/"
+    )
 
 
 @app.command("config")

@@ -290,17 +290,17 @@ def resolve_config(config: PipelineConfig) -> PipelineConfig:
     from their defaults (also by assignment after construction), win over the environment.
     """
     return load_config(
-        **_deep_merge(
+        **deep_merge(
             config.model_dump(exclude_defaults=True), config.model_dump(exclude_unset=True)
         )
     )
 
 
-def _deep_merge(a: dict, b: dict) -> dict:
+def deep_merge(a: dict, b: dict) -> dict:
     merged = dict(a)
     for key, value in b.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _deep_merge(merged[key], value)
+            merged[key] = deep_merge(merged[key], value)
         else:
             merged[key] = value
     return merged
@@ -322,3 +322,128 @@ def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineCon
             raise ConfigError(f"invalid sidpipe config{where}:\n{exc}") from exc
         finally:
             _yaml_path = None
+
+
+# -- training flows ------------------------------------------------------------------------------
+BEAUTY_DIR = REPO_ROOT / "data" / "amazon-beauty-2014"
+
+
+class GenRecTrainConfig(BaseModel):
+    """One training run of the generative recommender (or the SASRec baseline) on published SIDs.
+
+    Presets: `TRAIN_PRESETS` (`sidpipe train genrec --config cpu-small`); any field can be
+    overridden. Reads only what the tokenization flow published plus the interactions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = "custom"
+    store: str = Field(default="./artifacts", description="Store with the published SIDs.")
+    catalog: str = Field(default="beauty", description="Catalog whose published SIDs to use.")
+    run_date: str | None = Field(
+        default=None, description="Published run (YYYY-MM-DD); none: the latest."
+    )
+    interactions: str = Field(
+        default=str(BEAUTY_DIR / "interactions.parquet"),
+        description="Parquet with user_id, item_id, timestamp (local or s3://).",
+    )
+    model: Literal["tiger", "sasrec"] = "tiger"
+    tasks: list[str] = Field(
+        default=["next_sid"],
+        description="Generation tasks sampled uniformly (models.genrec.TASKS); 'all' = every "
+        "task the published artifacts can feed.",
+    )
+    max_history: int = Field(default=20, ge=1)
+    users_limit: int | None = Field(default=None, ge=1, description="Use the first N users.")
+    # model size (TIGER's defaults; SASRec uses d_model, heads, encoder_layers, dropout)
+    d_model: int = 128
+    heads: int = 6
+    head_dim: int = 64
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    feedforward: int = 1024
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    # optimisation
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.035
+    warmup_steps: int = 500
+    epochs: int = 100
+    eval_every: int = Field(default=5, ge=1, description="Epochs between validations.")
+    patience: int = Field(default=4, ge=1, description="Validations without improvement.")
+    valid_users: int | None = Field(
+        default=None, ge=1, description="Validate on this many users (all: None)."
+    )
+    # decoding and evaluation
+    beams: int = Field(default=20, ge=10, description="Beam width (>= the largest K, 10).")
+    eval_batch_size: int = 128
+    invalid_users: int = Field(
+        default=2000, ge=1, description="Users decoded without the trie to measure invalid SIDs."
+    )
+    exact_check_users: int = Field(
+        default=16, ge=0, description="Users whose beam results are checked against exact scores."
+    )
+    text_max_tokens: int = 24
+    history_titles: int = 5
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
+
+
+TRAIN_PRESETS: dict[str, dict] = {
+    # CI: a slice of Beauty, a small model, minutes on 2 CPU cores.
+    "cpu-small": {
+        "users_limit": 1500,
+        "d_model": 64,
+        "heads": 4,
+        "head_dim": 16,
+        "encoder_layers": 2,
+        "decoder_layers": 2,
+        "feedforward": 256,
+        "batch_size": 128,
+        "epochs": 6,
+        "eval_every": 3,
+        "warmup_steps": 50,
+        "invalid_users": 200,
+        "exact_check_users": 8,
+    },
+    # Beauty on CPU: TIGER's model, validation on a sample of users to keep hours, not days.
+    "beauty-cpu": {"epochs": 60, "eval_every": 5, "valid_users": 3000, "patience": 3},
+    # Beauty on a GPU (bf16 autocast): TIGER's model, full validation.
+    "beauty": {"epochs": 200, "eval_every": 5, "batch_size": 256, "device": "cuda"},
+    # TriAlignGR's multitask training over every task the artifacts can feed.
+    "beauty-multitask": {"tasks": ["all"], "epochs": 200, "eval_every": 5, "device": "cuda"},
+    # The SASRec baseline (CE loss) in the same harness.
+    "sasrec-beauty": {
+        "model": "sasrec",
+        "d_model": 64,
+        "heads": 2,
+        "encoder_layers": 2,
+        "dropout": 0.3,
+        "batch_size": 256,
+        "learning_rate": 1e-3,
+        "weight_decay": 0.0,
+        "epochs": 200,
+        "eval_every": 5,
+        "patience": 5,
+    },
+}
+
+
+def train_config(name_or_path: str, **overrides: Any) -> GenRecTrainConfig:
+    """A preset by name, or a YAML file, with overrides (None values are ignored)."""
+    import yaml
+
+    if name_or_path in TRAIN_PRESETS:
+        values = {"name": name_or_path, **TRAIN_PRESETS[name_or_path]}
+    elif Path(name_or_path).is_file():
+        values = yaml.safe_load(Path(name_or_path).read_text()) or {}
+        values.setdefault("name", Path(name_or_path).stem)
+    else:
+        raise ConfigError(
+            f"unknown training config {name_or_path!r}: a preset "
+            f"({', '.join(TRAIN_PRESETS)}) or a YAML file"
+        )
+    try:
+        return GenRecTrainConfig(**(values | {k: v for k, v in overrides.items() if v is not None}))
+    except ValueError as exc:
+        raise ConfigError(f"invalid training config {name_or_path!r}:\n{exc}") from exc

@@ -9,6 +9,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
+import pyarrow as pa
 from prefect import get_run_logger, task
 from prefect.artifacts import (
     create_link_artifact,
@@ -18,6 +19,7 @@ from prefect.artifacts import (
 
 import sidpipe
 from sidpipe.config import PipelineConfig
+from sidpipe.storage.lock import ensure_holder
 from sidpipe.storage.manifest import (
     Counts,
     Manifest,
@@ -33,9 +35,10 @@ from sidpipe.storage.store import ArtifactStore, concat_tables
 from sidpipe.tasks.assign import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_FILE, AssignOutcome
 from sidpipe.tasks.fit import FitOutcome
 from sidpipe.tasks.ingest import ITEMS_FILE, QUARANTINE_FILE, IngestOutcome
-from sidpipe.tasks.stage import ERRORS_SCHEMA, TASK_OPTIONS, RunInfo, StageOutcome
+from sidpipe.tasks.stage import ERRORS_SCHEMA, TASK_OPTIONS, RunInfo, StageOutcome, stage_values
 
 ERRORS_FILE = "errors.parquet"
+ENRICHMENT_FILE = "enrichment.parquet"  # captions and interests, for the training flows
 
 
 def code_version() -> dict:
@@ -59,6 +62,30 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return version
+
+
+def enrichment_table(
+    store: ArtifactStore, run: RunInfo, stages: list[StageOutcome]
+) -> pa.Table | None:
+    """item_id, caption, interests of the items the model stages enriched (None: none ran)."""
+    by_name = {s.stage: s for s in stages}
+    values = {
+        column: stage_values(store, run, by_name[column], column)
+        for column in ("caption", "interests")
+        if column in by_name and not by_name[column].skipped
+    }
+    if not values:
+        return None
+    ids = sorted(set().union(*(v.keys() for v in values.values())))
+    return pa.table(
+        {
+            "item_id": pa.array(ids, pa.string()),
+            "caption": pa.array([values.get("caption", {}).get(i) for i in ids], pa.string()),
+            "interests": pa.array(
+                [values.get("interests", {}).get(i) for i in ids], pa.list_(pa.string())
+            ),
+        }
+    )
 
 
 def publish_stage(
@@ -109,6 +136,11 @@ def publish_stage(
     )
     sids, cat = sids_dir(run.catalog, run.run_date), catalog_dir(run.catalog, run.run_date)
     items_rows = store.read_parquet(*staging, ITEMS_FILE, columns=["item_id"]).num_rows
+    optional = {}
+    enrichment = enrichment_table(store, run, stages)
+    if enrichment is not None:
+        store.write_parquet(enrichment, *staging, ENRICHMENT_FILE)
+        optional["enrichment"] = (ENRICHMENT_FILE, sids, enrichment.num_rows)
     manifest = publish(
         store,
         manifest,
@@ -120,6 +152,7 @@ def publish_stage(
             "quality": (QUALITY_FILE, sids, None),
             "quality_png": (QUALITY_PNG, sids, None),
             "tokens": (TOKENS_FILE, sids, None),
+            **optional,
         },
     )
     if fit.fitted:
@@ -185,6 +218,7 @@ def publish_task(
     assign: AssignOutcome,
 ) -> Manifest:
     store = ArtifactStore(config.store)
+    ensure_holder(store, run.lock_name, run.lock_token)
     manifest = already_published(store, run) or publish_stage(
         store, run, config, ingest, stages, fit, assign
     )
