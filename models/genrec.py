@@ -1,0 +1,343 @@
+"""A TIGER-style generative recommender: an encoder-decoder transformer over Semantic-ID tokens.
+
+The encoder reads a task token, a user token and the task's input (the last items' SIDs, a title,
+a caption, ...); the decoder writes the answer: an item's SID (one token per level plus the
+collision suffix) or a title. Next-item recommendation decodes SIDs with a beam search constrained
+by a prefix trie of the catalog's SIDs, so it can only return real items.
+
+One file, top to bottom: the token space, the model, the trie, the two decoders (constrained beam
+search; exact scoring of every item, to check the beam search). It never reads a store or a file.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TASKS = (
+    "next_sid",  # history SIDs -> next SID (the recommendation task)
+    "title_to_sid",
+    "sid_to_title",
+    "attributes_to_sid",  # description / attributes -> SID
+    "history_titles_to_sid",  # history titles -> next SID
+    "interests_to_sid",
+    "caption_to_sid",  # TriAlignGR's visual tasks: VisDesc -> SID
+    "caption_to_title",  # VisDesc -> title
+)
+PAD, BOS, EOS = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class TokenSpace:
+    """Where each kind of token lives in the one vocabulary the model embeds.
+
+    [pad, bos, eos] [a task token per task] [user buckets] [SID level 1 .. L codes] [suffixes]
+    [text word pieces]. SID tokens are `<level offset> + code`; the suffix is one more level.
+    """
+
+    codebook_sizes: tuple[int, ...]
+    suffix_size: int  # largest collision suffix + 1
+    user_buckets: int = 2000  # TIGER hashes users into 2,000 tokens
+    text_vocab: int = 0  # word pieces (0: no text tasks)
+
+    @property
+    def task_start(self) -> int:
+        return 3
+
+    @property
+    def user_start(self) -> int:
+        return self.task_start + len(TASKS)
+
+    @property
+    def sid_start(self) -> int:
+        return self.user_start + self.user_buckets
+
+    @property
+    def level_sizes(self) -> tuple[int, ...]:
+        return (*self.codebook_sizes, self.suffix_size)
+
+    @property
+    def sid_end(self) -> int:
+        return self.sid_start + sum(self.level_sizes)
+
+    @property
+    def text_start(self) -> int:
+        return self.sid_end
+
+    @property
+    def size(self) -> int:
+        return self.text_start + self.text_vocab
+
+    @property
+    def sid_length(self) -> int:
+        return len(self.level_sizes)
+
+    def task(self, name: str) -> int:
+        return self.task_start + TASKS.index(name)
+
+    def user(self, user_id: str) -> int:
+        import zlib
+
+        return self.user_start + zlib.crc32(user_id.encode()) % self.user_buckets
+
+    def level_offsets(self) -> list[int]:
+        offsets, start = [], self.sid_start
+        for size in self.level_sizes:
+            offsets.append(start)
+            start += size
+        return offsets
+
+    def sid_tokens(self, codes: list[int], suffix: int) -> list[int]:
+        return [o + c for o, c in zip(self.level_offsets(), [*codes, suffix], strict=True)]
+
+    def text_tokens(self, piece_ids: list[int]) -> list[int]:
+        return [self.text_start + p for p in piece_ids]
+
+
+@dataclass
+class GenRecModelConfig:
+    """TIGER's setting by default: 4+4 layers, d_model 128, 6 heads of 64, feed-forward 1024."""
+
+    d_model: int = 128
+    heads: int = 6
+    head_dim: int = 64
+    encoder_layers: int = 4
+    decoder_layers: int = 4
+    feedforward: int = 1024
+    dropout: float = 0.1
+    max_source: int = 256
+    max_target: int = 64
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class _Attention(nn.Module):
+    """Multi-head attention whose inner width (heads x head_dim) may differ from d_model, as in
+    T5/TIGER; uses PyTorch's fused scaled-dot-product attention."""
+
+    def __init__(self, d_model: int, heads: int, head_dim: int, dropout: float) -> None:
+        super().__init__()
+        self.heads, self.head_dim, self.dropout = heads, head_dim, dropout
+        self.q = nn.Linear(d_model, heads * head_dim, bias=False)
+        self.kv = nn.Linear(d_model, 2 * heads * head_dim, bias=False)
+        self.out = nn.Linear(heads * head_dim, d_model, bias=False)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+
+    def forward(self, x, memory, key_padding: torch.Tensor | None = None, causal: bool = False):
+        q = self._split(self.q(x))
+        k, v = (self._split(t) for t in self.kv(memory).chunk(2, dim=-1))
+        mask = None
+        if key_padding is not None:  # True where the key is padding
+            mask = ~key_padding[:, None, None, :]
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and mask is None,
+        )
+        b, _, n, _ = y.shape
+        return self.out(y.transpose(1, 2).reshape(b, n, self.heads * self.head_dim))
+
+
+class _Block(nn.Module):
+    """Pre-norm transformer block: self-attention, optional cross-attention, feed-forward."""
+
+    def __init__(self, c: GenRecModelConfig, cross: bool) -> None:
+        super().__init__()
+        self.self_norm = nn.LayerNorm(c.d_model)
+        self.self_attn = _Attention(c.d_model, c.heads, c.head_dim, c.dropout)
+        self.cross_norm = nn.LayerNorm(c.d_model) if cross else None
+        self.cross_attn = _Attention(c.d_model, c.heads, c.head_dim, c.dropout) if cross else None
+        self.ff_norm = nn.LayerNorm(c.d_model)
+        self.ff = nn.Sequential(
+            nn.Linear(c.d_model, c.feedforward),
+            nn.GELU(),
+            nn.Dropout(c.dropout),
+            nn.Linear(c.feedforward, c.d_model),
+        )
+        self.drop = nn.Dropout(c.dropout)
+
+    def forward(self, x, padding=None, memory=None, memory_padding=None, causal=False):
+        h = self.self_norm(x)
+        x = x + self.drop(self.self_attn(h, h, None if causal else padding, causal=causal))
+        if self.cross_attn is not None:
+            x = x + self.drop(self.cross_attn(self.cross_norm(x), memory, memory_padding))
+        return x + self.drop(self.ff(self.ff_norm(x)))
+
+
+class GenRecModel(nn.Module):
+    """Encoder-decoder over one shared vocabulary (input and output embeddings tied)."""
+
+    def __init__(self, space: TokenSpace, config: GenRecModelConfig) -> None:
+        super().__init__()
+        self.space, self.config = space, config
+        self.embed = nn.Embedding(space.size, config.d_model, padding_idx=PAD)
+        self.source_position = nn.Embedding(config.max_source, config.d_model)
+        self.target_position = nn.Embedding(config.max_target, config.d_model)
+        self.encoder = nn.ModuleList(_Block(config, False) for _ in range(config.encoder_layers))
+        self.decoder = nn.ModuleList(_Block(config, True) for _ in range(config.decoder_layers))
+        self.encoder_norm = nn.LayerNorm(config.d_model)
+        self.decoder_norm = nn.LayerNorm(config.d_model)
+        self.drop = nn.Dropout(config.dropout)
+        self.apply(self._init)
+
+    @staticmethod
+    def _init(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def encode(self, source: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """source [B, S] token ids (PAD-padded) -> (memory [B, S, d], padding mask [B, S])."""
+        padding = source == PAD
+        positions = torch.arange(source.shape[1], device=source.device)
+        x = self.drop(self.embed(source) + self.source_position(positions))
+        for block in self.encoder:
+            x = block(x, padding)
+        return self.encoder_norm(x), padding
+
+    def decode(self, target_in: torch.Tensor, memory: torch.Tensor, memory_padding: torch.Tensor):
+        """Decoder states for target_in [B, T] (starting with BOS) -> logits [B, T, vocab]."""
+        positions = torch.arange(target_in.shape[1], device=target_in.device)
+        x = self.drop(self.embed(target_in) + self.target_position(positions))
+        for block in self.decoder:
+            x = block(x, memory=memory, memory_padding=memory_padding, causal=True)
+        # Tied output embedding; scaled as in T5 with tied weights.
+        return self.decoder_norm(x) @ self.embed.weight.T * (self.config.d_model**-0.5)
+
+    def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """Teacher-forced cross-entropy of `target` [B, T] (ending in EOS, PAD-padded)."""
+        memory, padding = self.encode(source)
+        target_in = F.pad(target[:, :-1], (1, 0), value=BOS)
+        logits = self.decode(target_in, memory, padding)
+        return F.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=PAD
+        )
+
+
+# -- the catalog's SIDs as a prefix trie -----------------------------------------------------------
+class SidTrie:
+    """Valid SID token sequences (every level and the suffix) and the item each one names."""
+
+    def __init__(self, space: TokenSpace, sequences: list[list[int]], item_ids: list[str]):
+        self.space = space
+        self.length = space.sid_length
+        self.items: dict[tuple[int, ...], str] = {}
+        children: dict[tuple[int, ...], set[int]] = {}
+        for seq, item in zip(sequences, item_ids, strict=True):
+            key = tuple(seq)
+            if len(key) != self.length:
+                raise ValueError(f"item {item}: SID has {len(key)} tokens, expected {self.length}")
+            if key in self.items:
+                raise ValueError(f"items {self.items[key]} and {item} share SID tokens {key}")
+            self.items[key] = item
+            for depth in range(self.length):
+                children.setdefault(key[:depth], set()).add(key[depth])
+        # Allowed next tokens, relative to sid_start, as tensors for masking.
+        self._allowed = {
+            prefix: torch.tensor(sorted(t - space.sid_start for t in tokens))
+            for prefix, tokens in children.items()
+        }
+
+    def allowed(self, prefix: tuple[int, ...]) -> torch.Tensor:
+        return self._allowed.get(prefix, torch.empty(0, dtype=torch.long))
+
+    def item(self, sequence: tuple[int, ...]) -> str | None:
+        return self.items.get(sequence)
+
+
+@torch.no_grad()
+def beam_search(
+    model: GenRecModel,
+    source: torch.Tensor,
+    trie: SidTrie | None,
+    beams: int = 20,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `beams` most likely SIDs for each source row: (tokens [B, beams, L], log-probs
+    [B, beams]), best first. With a trie only catalog SIDs can come out (beams that cannot be
+    filled get -inf); without one, any token of the right level can (to measure invalid SIDs).
+
+    Scores are sums of log-softmax over all SID tokens of each level (no renormalisation over
+    the allowed ones), as Hugging Face's constrained generation does."""
+    space = model.space
+    device = source.device
+    memory, padding = model.encode(source)
+    batch = source.shape[0]
+    vocab_sid = space.sid_end - space.sid_start
+    level_bounds = []
+    for offset, size in zip(space.level_offsets(), space.level_sizes, strict=True):
+        level_bounds.append((offset - space.sid_start, offset - space.sid_start + size))
+
+    memory = memory.repeat_interleave(beams, 0)
+    padding = padding.repeat_interleave(beams, 0)
+    tokens = torch.full((batch * beams, 1), BOS, dtype=torch.long, device=device)
+    scores = torch.full((batch, beams), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # one live beam per row at the start
+    for depth in range(space.sid_length):
+        logits = model.decode(tokens, memory, padding)[:, -1, space.sid_start : space.sid_end]
+        logp = F.log_softmax(logits.float(), dim=-1)
+        mask = torch.full_like(logp, float("-inf"))
+        if trie is None:
+            lo, hi = level_bounds[depth]
+            mask[:, lo:hi] = 0.0
+        else:
+            prefixes = tokens[:, 1:].tolist()
+            for row, prefix in enumerate(prefixes):
+                allowed = trie.allowed(tuple(prefix))
+                if len(allowed):
+                    mask[row, allowed.to(device)] = 0.0
+        candidates = (scores.view(-1, 1) + logp + mask).view(batch, beams * vocab_sid)
+        scores, flat = candidates.topk(beams, dim=-1)
+        parent = flat // vocab_sid
+        token = flat % vocab_sid + space.sid_start
+        rows = (torch.arange(batch, device=device)[:, None] * beams + parent).view(-1)
+        tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
+    return tokens[:, 1:].view(batch, beams, -1), scores
+
+
+@torch.no_grad()
+def score_items(
+    model: GenRecModel, source: torch.Tensor, item_tokens: torch.Tensor, chunk: int = 4096
+) -> torch.Tensor:
+    """Exact log-probability of every item for each source row: [B, n_items]. The same scores
+    as beam_search's (log-softmax over all SID tokens per level): ranking all items by them is
+    what a perfect beam search would return. O(B x items): a check, not the way to serve."""
+    space = model.space
+    memory, padding = model.encode(source)
+    batch, n_items = source.shape[0], item_tokens.shape[0]
+    out = torch.empty(batch, n_items, device=source.device)
+    for start in range(0, n_items, chunk):
+        items = item_tokens[start : start + chunk]  # [C, L]
+        c = items.shape[0]
+        target_in = F.pad(items[:, :-1], (1, 0), value=BOS)
+        for b in range(batch):
+            logits = model.decode(
+                target_in, memory[b : b + 1].expand(c, -1, -1), padding[b : b + 1].expand(c, -1)
+            )[:, :, space.sid_start : space.sid_end]
+            logp = F.log_softmax(logits.float(), dim=-1)
+            picked = logp.gather(-1, (items - space.sid_start).unsqueeze(-1)).squeeze(-1)
+            out[b, start : start + c] = picked.sum(-1)
+    return out
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 10%."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
