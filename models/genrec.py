@@ -131,9 +131,19 @@ class _Attention(nn.Module):
         b, n, _ = x.shape
         return x.view(b, n, self.heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, memory, key_padding: torch.Tensor | None = None, causal: bool = False):
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return tuple(self._split(t) for t in self.kv(memory).chunk(2, dim=-1))
+
+    def forward(
+        self,
+        x,
+        memory,
+        key_padding: torch.Tensor | None = None,
+        causal: bool = False,
+        kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ):
         q = self._split(self.q(x))
-        k, v = (self._split(t) for t in self.kv(memory).chunk(2, dim=-1))
+        k, v = kv if kv is not None else self.project_kv(memory)
         mask = None
         if key_padding is not None:  # True where the key is padding
             mask = ~key_padding[:, None, None, :]
@@ -167,11 +177,15 @@ class _Block(nn.Module):
         )
         self.drop = nn.Dropout(c.dropout)
 
-    def forward(self, x, padding=None, memory=None, memory_padding=None, causal=False):
+    def forward(
+        self, x, padding=None, memory=None, memory_padding=None, causal=False, cross_kv=None
+    ):
         h = self.self_norm(x)
         x = x + self.drop(self.self_attn(h, h, None if causal else padding, causal=causal))
         if self.cross_attn is not None:
-            x = x + self.drop(self.cross_attn(self.cross_norm(x), memory, memory_padding))
+            x = x + self.drop(
+                self.cross_attn(self.cross_norm(x), memory, memory_padding, kv=cross_kv)
+            )
         return x + self.drop(self.ff(self.ff_norm(x)))
 
 
@@ -207,12 +221,32 @@ class GenRecModel(nn.Module):
             x = block(x, padding)
         return self.encoder_norm(x), padding
 
-    def decode(self, target_in: torch.Tensor, memory: torch.Tensor, memory_padding: torch.Tensor):
+    def cross_kv(self, memory: torch.Tensor, repeat: int = 1) -> list:
+        """Each decoder layer's keys and values of the encoder memory, projected once (and
+        repeated `repeat` times per row, for beams): decoding steps reuse them."""
+        return [
+            tuple(t.repeat_interleave(repeat, 0) for t in block.cross_attn.project_kv(memory))
+            for block in self.decoder
+        ]
+
+    def decode(
+        self,
+        target_in: torch.Tensor,
+        memory: torch.Tensor | None,
+        memory_padding: torch.Tensor,
+        cross_kv: list | None = None,
+    ):
         """Decoder states for target_in [B, T] (starting with BOS) -> logits [B, T, vocab]."""
         positions = torch.arange(target_in.shape[1], device=target_in.device)
         x = self.drop(self.embed(target_in) + self.target_position(positions))
-        for block in self.decoder:
-            x = block(x, memory=memory, memory_padding=memory_padding, causal=True)
+        for i, block in enumerate(self.decoder):
+            x = block(
+                x,
+                memory=memory,
+                memory_padding=memory_padding,
+                causal=True,
+                cross_kv=cross_kv[i] if cross_kv is not None else None,
+            )
         # Tied output embedding; scaled as in T5 with tied weights.
         return self.decoder_norm(x) @ self.embed.weight.T * (self.config.d_model**-0.5)
 
@@ -279,13 +313,15 @@ def beam_search(
     for offset, size in zip(space.level_offsets(), space.level_sizes, strict=True):
         level_bounds.append((offset - space.sid_start, offset - space.sid_start + size))
 
-    memory = memory.repeat_interleave(beams, 0)
+    cross_kv = model.cross_kv(memory, repeat=beams)  # projected once, not at every step
     padding = padding.repeat_interleave(beams, 0)
     tokens = torch.full((batch * beams, 1), BOS, dtype=torch.long, device=device)
     scores = torch.full((batch, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam per row at the start
     for depth in range(space.sid_length):
-        logits = model.decode(tokens, memory, padding)[:, -1, space.sid_start : space.sid_end]
+        logits = model.decode(tokens, None, padding, cross_kv)[
+            :, -1, space.sid_start : space.sid_end
+        ]
         logp = F.log_softmax(logits.float(), dim=-1)
         mask = torch.full_like(logp, float("-inf"))
         if trie is None:

@@ -48,7 +48,7 @@ StoreOption = Annotated[
         "--store",
         "-s",
         help="Artifact store root: a folder or s3://bucket/prefix "
-        "[env: SIDPIPE_STORE; default ./artifacts].",
+        "(env SIDPIPE_STORE; default ./artifacts).",
     ),
 ]
 
@@ -87,15 +87,15 @@ def run(
     catalog: Annotated[
         str | None,
         typer.Option(
-            help="Catalog file (Parquet/JSONL/CSV, local or s3://) [default: bundled sample]."
+            help="Catalog file (Parquet/JSONL/CSV, local or s3://) (default: bundled sample)."
         ),
     ] = None,
     catalog_name: Annotated[
-        str | None, typer.Option(help="Name used in artifact paths [default: fashion-sample].")
+        str | None, typer.Option(help="Name used in artifact paths (default: fashion-sample).")
     ] = None,
     run_date: Annotated[
         str | None,
-        typer.Option(help="Logical date of the run, YYYY-MM-DD (backfills) [default: today]."),
+        typer.Option(help="Logical date of the run, YYYY-MM-DD (backfills) (default: today)."),
     ] = None,
     refit: Annotated[
         bool,
@@ -566,7 +566,7 @@ def backfill(
     config: ConfigOption = None,
     store: StoreOption = None,
     catalog: Annotated[
-        str | None, typer.Option(help="Catalog file [default: the config's / bundled sample].")
+        str | None, typer.Option(help="Catalog file (default: the config's / bundled sample).")
     ] = None,
     catalog_name: Annotated[str | None, typer.Option(help="Name used in artifact paths.")] = None,
     deployment: Annotated[
@@ -814,7 +814,9 @@ def train_genrec_command(
     ] = "cpu-small",
     store: StoreOption = None,
     catalog: Annotated[str | None, typer.Option(help="Catalog of the published SIDs.")] = None,
-    run_date: Annotated[str | None, typer.Option(help="Published run date [latest].")] = None,
+    run_date: Annotated[
+        str | None, typer.Option(help="Published run date (default: the latest).")
+    ] = None,
     interactions: Annotated[
         str | None, typer.Option(help="Parquet with user_id, item_id, timestamp.")
     ] = None,
@@ -822,6 +824,9 @@ def train_genrec_command(
     epochs: Annotated[int | None, typer.Option(help="Most epochs (early stopping).")] = None,
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    time_limit_minutes: Annotated[
+        float | None, typer.Option(help="Stop after the epoch that crosses this budget.")
+    ] = None,
 ) -> None:
     """Train the TIGER-style generative recommender (or SASRec) on a catalog's published SIDs
     and evaluate it (leave-one-out, full ranking, constrained beam search)."""
@@ -839,6 +844,7 @@ def train_genrec_command(
             epochs=epochs,
             device=device,
             seed=seed,
+            time_limit_minutes=time_limit_minutes,
         )
     except ConfigError as exc:
         raise _fail(str(exc)) from None

@@ -44,6 +44,7 @@ from sidpipe.tasks.train_data import TASK_FIELDS, GenRecData, Split, prepare_dat
 
 log = logging.getLogger(__name__)
 KS = (5, 10)
+TITLE_PIECES_PER_HISTORY_ITEM = 12  # history titles -> next SID: the first word pieces of each
 
 
 def training_dir(run_id: str) -> tuple[str, ...]:
@@ -84,7 +85,7 @@ def history_titles_sources(
     sources = []
     for r in rows:
         recent = [h for h in split.history[r] if h >= 0][-titles:]
-        pieces = [p for h in recent for p in (title[h] or [])[:12]]
+        pieces = [p for h in recent for p in (title[h] or [])[:TITLE_PIECES_PER_HISTORY_ITEM]]
         sources.append([space.task("history_titles_to_sid"), space.user(data.users[split.user[r]])])
         sources[-1] += pieces
     return _pad(sources)
@@ -176,7 +177,14 @@ def build_model(config: GenRecTrainConfig, space: TokenSpace, n_items: int) -> t
             decoder_layers=config.decoder_layers,
             feedforward=config.feedforward,
             dropout=config.dropout,
-            max_source=max(2 + config.max_history * space.sid_length, 2 + 12 * 5, 64) + 8,
+            # task + user token, then the longest input any task builds
+            max_source=2
+            + max(
+                config.max_history * space.sid_length,
+                config.history_titles * TITLE_PIECES_PER_HISTORY_ITEM,
+                config.text_max_tokens,
+            ),
+            max_target=max(space.sid_length, config.text_max_tokens + 1),
         ),
     )
 
@@ -356,6 +364,8 @@ def train_recommender(
     )
     history: list[dict] = []
     best, best_state, waited = -1.0, None, 0
+    budget = config.time_limit_minutes * 60 if config.time_limit_minutes else math.inf
+    training_started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
         started, losses = time.perf_counter(), []
@@ -381,7 +391,8 @@ def train_recommender(
             "loss": float(np.mean(losses)),
             "seconds": time.perf_counter() - started,
         }
-        if epoch % config.eval_every == 0 or epoch == config.epochs:
+        out_of_time = time.perf_counter() - training_started > budget
+        if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
             ranks, _ = rank_targets(model, data, parts["valid"], valid_rows, config, device, trie)
             row.update({f"valid_{k}": v for k, v in metrics_from_ranks(ranks).items()})
             if row["valid_ndcg@10"] > best:
@@ -397,6 +408,9 @@ def train_recommender(
             log.info(
                 "early stop at epoch %d: no better validation NDCG@10 in %d checks", epoch, waited
             )
+            break
+        if out_of_time:
+            log.info("stopped at epoch %d: time limit of %.0f min", epoch, budget / 60)
             break
     if best_state is not None:
         model.load_state_dict(best_state)

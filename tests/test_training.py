@@ -160,3 +160,43 @@ def test_training_without_published_sids_says_what_to_run(tmp_path):
     )
     assert result.exit_code == 2
     assert "no published SIDs" in result.output and "sidpipe run" in result.output
+
+
+def test_a_time_budget_stops_training_after_the_epoch_that_crosses_it(beauty_slice):
+    from sidpipe.tasks.train_data import prepare_data
+    from sidpipe.tasks.train_genrec import train_recommender
+
+    config = train_config(
+        "cpu-small",
+        store=beauty_slice["store"],
+        catalog="beauty-slice",
+        interactions=beauty_slice["interactions"],
+        epochs=50,
+        eval_every=10,
+        time_limit_minutes=0.001,
+    )
+    _, history = train_recommender(config, prepare_data(config))
+    assert len(history) == 1 and "valid_ndcg@10" in history[0]  # validated where it stopped
+
+
+@pytest.mark.gpu
+def test_cuda_training_with_bf16_autocast_matches_the_protocol(beauty_slice):
+    import torch
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA GPU")
+    from sidpipe.flows.train_genrec import train_genrec
+
+    metrics = train_genrec(
+        train_config(
+            "cpu-small",
+            store=beauty_slice["store"],
+            catalog="beauty-slice",
+            interactions=beauty_slice["interactions"],
+            epochs=3,
+            device="cuda",
+        )
+    )
+    assert torch.cuda.get_device_name(0) == metrics["machine"]
+    assert metrics["predictions_valid"] is True and metrics["invalid_rate"] <= 1
+    assert metrics["beam_exact_max_score_diff"] < 0.05  # bf16 logits: looser than on CPU
