@@ -247,8 +247,11 @@ class GenRecModel(nn.Module):
                 causal=True,
                 cross_kv=cross_kv[i] if cross_kv is not None else None,
             )
-        # Tied output embedding; scaled as in T5 with tied weights.
-        return self.decoder_norm(x) @ self.embed.weight.T * (self.config.d_model**-0.5)
+        # Tied output embedding, scaled as in T5 with tied weights; in float32 even under bf16
+        # autocast, so near-ties between items are not decided by rounding.
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            h = self.decoder_norm(x).float()
+            return h @ self.embed.weight.float().T * (self.config.d_model**-0.5)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Teacher-forced cross-entropy of `target` [B, T] (ending in EOS, PAD-padded)."""

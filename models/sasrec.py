@@ -55,7 +55,9 @@ class SASRec(nn.Module):
         real = (history != 0).unsqueeze(-1)
         x = self.item(history) * self.config.d_model**0.5 + self.position(positions)
         x = self.drop(x) * real
-        # Causal mask only, padded timeline zeroed (as the original SASRec): a key-padding mask
+        # Causal mask only, padded positions zeroed at the input and output (the original
+        # SASRec also re-zeroes them after every block; here they keep a constant state that
+        # real items may attend to, which carries no item information). A key-padding mask
         # would leave left-padding queries with no key at all, i.e. NaN that then spreads.
         causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=history.device), 1)
         return self.norm(self.encoder(x, mask=causal)) * real

@@ -198,7 +198,7 @@ def prepare_data(config: GenRecTrainConfig) -> GenRecData:
                 else None
                 for v in values
             ]
-    tasks = [t for t in wanted if t in ("next_sid", "history_titles_to_sid") or _fed(t, text)]
+    tasks = [t for t in wanted if t == "next_sid" or _fed(t, text)]
     return GenRecData(
         space=space,
         published={
@@ -234,9 +234,9 @@ def _tasks(requested: list[str], manifest: Manifest) -> list[str]:
 
 
 def _fed(task: str, text: dict) -> bool:
-    """An item-level task is trained when at least one item has the text it needs."""
-    fields = [f for f in TASK_FIELDS[task] if f]
-    return all(any(v is not None for v in text.get(f, [])) for f in fields)
+    """A text task is trained when at least one item has the (non-empty) text it needs."""
+    fields = ["title"] if task == "history_titles_to_sid" else [f for f in TASK_FIELDS[task] if f]
+    return all(any(text.get(f, [])) for f in fields)  # an empty piece list feeds nothing
 
 
 # -- examples ------------------------------------------------------------------------------------

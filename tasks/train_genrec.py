@@ -224,7 +224,10 @@ def rank_targets(
             )
             scores = model.scores(history.to(device)).float().cpu()
             target_scores = scores[torch.arange(len(chunk)), torch.from_numpy(split.target[chunk])]
-            ranks[start : start + len(chunk)] = (scores > target_scores[:, None]).sum(1).numpy()
+            # Ties count against the target: a collapsed model must not score well.
+            ranks[start : start + len(chunk)] = (
+                (scores >= target_scores[:, None]).sum(1) - 1
+            ).numpy()
             top[start : start + len(chunk)] = scores.topk(10, dim=1).indices.numpy()
             continue
         with _autocast(device):
@@ -290,17 +293,23 @@ def exact_check(model, data, split, rows, config, device, trie) -> dict[str, flo
     model.eval()
     item_tokens = torch.from_numpy(data.sid_tokens).to(device)
     source = next_sid_sources(data, split, rows).to(device)
-    exact = score_items(model, source, item_tokens)
-    tokens, scores = beam_search(model, source, trie, config.beams)
+    with _autocast(device):  # the same numerics as the reported metrics
+        exact = score_items(model, source, item_tokens)
+        tokens, scores = beam_search(model, source, trie, config.beams)
     item_of = {tuple(t): i for i, t in enumerate(data.sid_tokens.tolist())}
     same_top1, overlap, worst = 0, 0.0, 0.0
     for b in range(len(rows)):
-        beam_items = [item_of[tuple(s)] for s in tokens[b].tolist()[:10]]
-        exact_top = exact[b].topk(10).indices.tolist()
+        found = [
+            (item_of[tuple(seq)], score)
+            for seq, score in zip(tokens[b].tolist()[:10], scores[b].tolist()[:10], strict=True)
+            if math.isfinite(score)  # beams beyond the catalog's valid SIDs stay empty
+        ]
+        beam_items = [i for i, _ in found]
+        exact_top = exact[b].topk(min(10, len(beam_items))).indices.tolist()
         same_top1 += beam_items[0] == exact_top[0]
-        overlap += len(set(beam_items) & set(exact_top)) / 10
-        diff = (exact[b, beam_items] - scores[b, : len(beam_items)]).abs().max().item()
-        worst = max(worst, diff)
+        overlap += len(set(beam_items) & set(exact_top)) / len(beam_items)
+        beam_scores = torch.tensor([sc for _, sc in found], device=exact.device)
+        worst = max(worst, (exact[b, beam_items] - beam_scores).abs().max().item())
     n = max(len(rows), 1)
     return {
         "beam_exact_top1_agreement": same_top1 / n,
@@ -335,7 +344,13 @@ def train_recommender(
         valid_rows = np.sort(rng.choice(valid_rows, config.valid_users, replace=False))
 
     if config.model == "sasrec":
-        train_sequences = [seq[:-2] for seq in data.sequences]
+        # Every training position is a target once, as in the generative model's windows:
+        # long sequences are cut into windows of max_history targets, from the end.
+        train_sequences = []
+        for seq in data.sequences:
+            train = seq[:-2]
+            for end in range(len(train), 1, -config.max_history):
+                train_sequences.append(train[max(0, end - config.max_history - 1) : end])
         trainable = np.array([u for u, s in enumerate(train_sequences) if len(s) >= 2])
         steps_per_epoch = math.ceil(len(trainable) / config.batch_size)
         sampler = None
