@@ -39,21 +39,11 @@ from sidpipe.storage.manifest import (
     write_run_record,
 )
 from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.assign import SID_SCHEMA
 
 CATALOG = "shop"
 DAY_A, DAY_B = date(2026, 11, 20), date(2026, 11, 21)
 PNG = b"\x89PNG\r\n\x1a\n" + b"a quality plot"
-SID_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("codes", pa.list_(pa.int32())),
-        ("suffix", pa.int32()),
-        ("sid", pa.string()),
-        ("tokenizer_id", pa.string()),
-        ("first_assigned", pa.date32()),
-        ("item_hash", pa.string()),
-    ]
-)
 
 SAME = {f"i{i:02d}": ([i % 8, (i // 8) % 8, 7], 0, "T1") for i in range(20)}
 RUN_A = SAME | {
