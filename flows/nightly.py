@@ -21,7 +21,7 @@ from prefect.runtime import flow_run
 
 from sidpipe.config import PipelineConfig, resolve_config
 from sidpipe.flows.runners import make_task_runner
-from sidpipe.storage.lock import StoreLock
+from sidpipe.storage.lock import StoreLock, catalog_lock_name
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.assign import assign_task
@@ -73,7 +73,7 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
     run_id = new_run_id(parent_run)
     lock = StoreLock(
         store,
-        f"catalog-{config.catalog.name}",
+        catalog_lock_name(config.catalog.name),
         run_id=run_id,
         ttl_seconds=orchestration.lock_ttl_seconds,
         wait_seconds=orchestration.lock_wait_seconds,

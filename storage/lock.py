@@ -31,6 +31,11 @@ LOCKS_DIR = "locks"
 log = logging.getLogger(__name__)
 
 
+def catalog_lock_name(catalog: str) -> str:
+    """The one lock every run of a catalog holds (its registry and SID tables are shared)."""
+    return f"catalog-{catalog}"
+
+
 class LockHeldError(RuntimeError):
     """Another run holds the lock."""
 

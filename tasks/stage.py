@@ -30,7 +30,7 @@ from pydantic import BaseModel
 
 from sidpipe.storage.cache import StageCache
 from sidpipe.storage.hashing import hash_strings
-from sidpipe.storage.lock import ensure_holder
+from sidpipe.storage.lock import catalog_lock_name, ensure_holder
 from sidpipe.storage.manifest import StageStats, staging_dir
 from sidpipe.storage.store import ArtifactStore, StoreError, concat_tables
 
@@ -76,7 +76,7 @@ class RunInfo(BaseModel):
 
     @property
     def lock_name(self) -> str:
-        return f"catalog-{self.catalog}"
+        return catalog_lock_name(self.catalog)
 
     def for_shard(self, shard: int) -> RunInfo:
         return self.model_copy(update={"shard": shard})
