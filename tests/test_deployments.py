@@ -32,6 +32,10 @@ SMALL_TOKENIZER = {
 }
 
 
+def published_records(store: ArtifactStore) -> int:
+    return sum(r.status == "published" for r in run_records(store))
+
+
 @pytest.fixture
 def deployed():
     from sidpipe.deploy import bootstrap, deploy
@@ -87,7 +91,8 @@ def test_a_backfill_submitted_to_the_server_publishes_one_run_per_date(
         )
         assert submitted.exit_code == 0, submitted.output
         deadline = time.monotonic() + 480
-        while time.monotonic() < deadline and len(published_runs(store)) < 3:
+        # Wait for the run log, written just after each manifest, not only the manifests.
+        while time.monotonic() < deadline and published_records(store) < 3:
             assert worker.poll() is None, (tmp_path / "worker.log").read_text()[-4000:]
             time.sleep(2)
     finally:
