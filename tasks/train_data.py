@@ -149,7 +149,7 @@ def prepare_data(config: GenRecTrainConfig) -> GenRecData:
     tokenizer_config = store.read_json("tokenizers", manifest.tokenizer_id, "config.json")
     codebook_sizes = tuple(tokenizer_config.get("codebook_sizes", codebook_sizes))
 
-    wanted = _tasks(config.tasks, manifest)
+    wanted = _tasks(config.tasks)
     tokenizer = text_tokenizer() if set(wanted) - {"next_sid"} else None
     space = TokenSpace(
         codebook_sizes=codebook_sizes,
@@ -222,7 +222,7 @@ def _user_sort_key(user: str):
     return (0, int(user), "") if user.isdigit() else (1, 0, user)
 
 
-def _tasks(requested: list[str], manifest: Manifest) -> list[str]:
+def _tasks(requested: list[str]) -> list[str]:
     if requested == ["all"]:
         return list(TASKS)
     unknown = set(requested) - set(TASKS)

@@ -189,7 +189,7 @@ def build_model(config: GenRecTrainConfig, space: TokenSpace, n_items: int) -> t
     )
 
 
-def sasrec_batch(data: GenRecData, train_sequences: list[np.ndarray], rows: np.ndarray, h: int):
+def sasrec_batch(train_sequences: list[np.ndarray], rows: np.ndarray, h: int):
     """Inputs and next-item targets for SASRec (item ids 1..n, 0 = padding)."""
     inputs = np.zeros((len(rows), h), np.int64)
     targets = np.zeros((len(rows), h), np.int64)
@@ -388,7 +388,7 @@ def train_recommender(
         for step in range(steps_per_epoch):
             if sampler is None:
                 rows = order[step * config.batch_size : (step + 1) * config.batch_size]
-                inputs, targets = sasrec_batch(data, train_sequences, rows, config.max_history)
+                inputs, targets = sasrec_batch(train_sequences, rows, config.max_history)
                 with _autocast(device):
                     loss = model(inputs.to(device), targets.to(device))
             else:
