@@ -825,7 +825,8 @@ def train_genrec_command(
     device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     time_limit_minutes: Annotated[
-        float | None, typer.Option(help="Stop after the epoch that crosses this budget.")
+        float | None,
+        typer.Option(help="Minutes to train; the learning-rate decay is fitted to them."),
     ] = None,
 ) -> None:
     """Train the TIGER-style generative recommender (or SASRec) on a catalog's published SIDs

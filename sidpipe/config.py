@@ -376,7 +376,10 @@ class GenRecTrainConfig(BaseModel):
     time_limit_minutes: float | None = Field(
         default=None,
         gt=0,
-        description="Stop after the epoch that crosses this wall-clock budget (validated there).",
+        description=(
+            "Stop after the epoch that crosses this wall-clock budget (validated there); the"
+            " learning-rate decay is fitted to the epochs the budget allows."
+        ),
     )
     # decoding and evaluation
     beams: int = Field(default=20, ge=10, description="Beam width (>= the largest K, 10).")

@@ -325,6 +325,15 @@ def _autocast(device: torch.device):
 
 
 # -- training ------------------------------------------------------------------------------------
+def epochs_within_budget(done: int, spent: float, budget: float, most: int) -> int:
+    """How many epochs a run will train in all: those done plus what the rest of the budget
+    fits at the average cost so far (validation included), at least one more and at most `most`."""
+    if done >= most:
+        return most
+    fits = done + int(max(0.0, budget - spent) // (spent / done))
+    return max(done + 1, min(most, fits))
+
+
 def train_recommender(
     config: GenRecTrainConfig,
     data: GenRecData,
@@ -357,7 +366,10 @@ def train_recommender(
     else:
         sampler = TaskSampler(data, parts["train"], config, config.seed)
         steps_per_epoch = sampler.steps_per_epoch
-    total = steps_per_epoch * config.epochs
+    # The cosine decay spans the epochs the run will really train: all of them, or under a
+    # time limit as many as the budget fits, re-estimated after each epoch. Without this a
+    # budgeted run stops with its learning rate still near the peak.
+    plan = {"epochs": config.epochs}
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=config.learning_rate,
@@ -365,7 +377,8 @@ def train_recommender(
         betas=(0.9, 0.98),
     )
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: cosine_with_warmup(s, config.warmup_steps, total)
+        optimizer,
+        lambda s: cosine_with_warmup(s, config.warmup_steps, steps_per_epoch * plan["epochs"]),
     )
     log.info(
         "training %s (%s params) on %s: %d users, %d items, tasks %s, %d steps/epoch",
@@ -406,8 +419,10 @@ def train_recommender(
             "loss": float(np.mean(losses)),
             "seconds": time.perf_counter() - started,
         }
-        out_of_time = time.perf_counter() - training_started > budget
-        if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
+        spent = time.perf_counter() - training_started
+        out_of_time = spent > budget
+        last_planned = epoch >= plan["epochs"]
+        if epoch % config.eval_every == 0 or last_planned or out_of_time:
             ranks, _ = rank_targets(model, data, parts["valid"], valid_rows, config, device, trie)
             row.update({f"valid_{k}": v for k, v in metrics_from_ranks(ranks).items()})
             if row["valid_ndcg@10"] > best:
@@ -416,6 +431,11 @@ def train_recommender(
                 row["best"] = True
             else:
                 waited += 1
+        if budget < math.inf:
+            plan["epochs"] = epochs_within_budget(
+                epoch, time.perf_counter() - training_started, budget, config.epochs
+            )
+            row["planned_epochs"] = plan["epochs"]
         history.append(row)
         if progress is not None:
             progress(epoch, config.epochs, row)
@@ -424,8 +444,9 @@ def train_recommender(
                 "early stop at epoch %d: no better validation NDCG@10 in %d checks", epoch, waited
             )
             break
-        if out_of_time:
-            log.info("stopped at epoch %d: time limit of %.0f min", epoch, budget / 60)
+        if out_of_time or last_planned:
+            if out_of_time:
+                log.info("stopped at epoch %d: time limit of %.0f min", epoch, budget / 60)
             break
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -16,7 +16,11 @@ from sidpipe.models.genrec import (
     score_items,
 )
 from sidpipe.models.sasrec import SASRec, SASRecConfig
-from sidpipe.tasks.train_genrec import metrics_from_ranks, popularity_buckets
+from sidpipe.tasks.train_genrec import (
+    epochs_within_budget,
+    metrics_from_ranks,
+    popularity_buckets,
+)
 
 SPACE = TokenSpace(codebook_sizes=(4, 4, 4), suffix_size=2, user_buckets=8)
 TINY = GenRecModelConfig(
@@ -121,6 +125,16 @@ def test_metrics_count_hits_within_k_and_discount_by_rank():
 def test_popularity_buckets_split_items_20_30_50():
     buckets = popularity_buckets(np.arange(10)[::-1])
     assert buckets.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
+
+
+def test_a_time_budget_plans_the_epochs_it_can_afford():
+    # 2 epochs in 100 s, 300 s left at 50 s each: 6 more, 8 in all.
+    assert epochs_within_budget(done=2, spent=100, budget=400, most=60) == 8
+    assert epochs_within_budget(done=2, spent=100, budget=400, most=5) == 5  # never past `most`
+    # Past the budget (or under one epoch left), the next epoch is the last one.
+    assert epochs_within_budget(done=7, spent=420, budget=400, most=60) == 8
+    assert epochs_within_budget(done=7, spent=380, budget=400, most=60) == 8
+    assert epochs_within_budget(done=5, spent=10, budget=400, most=5) == 5
 
 
 def test_sasrec_handles_left_padding_and_learns():

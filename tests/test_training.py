@@ -179,6 +179,32 @@ def test_a_time_budget_stops_training_after_the_epoch_that_crosses_it(beauty_sli
     assert len(history) == 1 and "valid_ndcg@10" in history[0]  # validated where it stopped
 
 
+def test_training_on_cpu_is_reproducible_with_a_seed(beauty_slice):
+    import torch
+
+    from sidpipe.tasks.train_data import prepare_data
+    from sidpipe.tasks.train_genrec import train_recommender
+
+    def run(seed: int):
+        config = train_config(
+            "cpu-small",
+            store=beauty_slice["store"],
+            catalog="beauty-slice",
+            interactions=beauty_slice["interactions"],
+            epochs=1,
+            seed=seed,
+        )
+        model, history = train_recommender(config, prepare_data(config))
+        return model.state_dict(), history
+
+    first, again, other = run(7), run(7), run(8)
+    assert first[0].keys() == again[0].keys()
+    assert all(torch.equal(first[0][k], again[0][k]) for k in first[0])
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in first[1]]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in again[1]]
+    assert not all(torch.equal(first[0][k], other[0][k]) for k in first[0])
+
+
 @pytest.mark.gpu
 def test_cuda_training_with_bf16_autocast_matches_the_protocol(beauty_slice):
     import torch
