@@ -234,9 +234,11 @@ def _tasks(requested: list[str]) -> list[str]:
 
 
 def _fed(task: str, text: dict) -> bool:
-    """A text task is trained when at least one item has the (non-empty) text it needs."""
+    """A text task is trained when at least one item has every (non-empty) text it needs."""
     fields = ["title"] if task == "history_titles_to_sid" else [f for f in TASK_FIELDS[task] if f]
-    return all(any(text.get(f, [])) for f in fields)  # an empty piece list feeds nothing
+    columns = [text.get(f, []) for f in fields]  # a missing field is an empty column
+    # An empty piece list feeds nothing.
+    return any(all(pieces) for pieces in zip(*columns, strict=False))
 
 
 # -- examples ------------------------------------------------------------------------------------

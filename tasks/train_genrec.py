@@ -325,13 +325,14 @@ def _autocast(device: torch.device):
 
 
 # -- training ------------------------------------------------------------------------------------
-def epochs_within_budget(done: int, spent: float, budget: float, most: int) -> int:
-    """How many epochs a run will train in all: those done plus what the rest of the budget
-    fits at the average cost so far (validation included), at least one more and at most `most`."""
-    if done >= most:
-        return most
-    fits = done + int(max(0.0, budget - spent) // (spent / done))
-    return max(done + 1, min(most, fits))
+def epochs_within_budget(done: int, left: float, epoch_cost: float, planned: int) -> int:
+    """The epochs a budgeted run will train in all: those done plus what the `left` seconds fit
+    at `epoch_cost` each, at least one more, and never more than `planned` (the plan only
+    shrinks, so the learning rate never climbs back)."""
+    if done >= planned:
+        return planned
+    fits = done + int(max(0.0, left) // max(epoch_cost, 1e-9))
+    return max(done + 1, min(planned, fits))
 
 
 def train_recommender(
@@ -367,9 +368,12 @@ def train_recommender(
         sampler = TaskSampler(data, parts["train"], config, config.seed)
         steps_per_epoch = sampler.steps_per_epoch
     # The cosine decay spans the epochs the run will really train: all of them, or under a
-    # time limit as many as the budget fits, re-estimated after each epoch. Without this a
-    # budgeted run stops with its learning rate still near the peak.
+    # time limit as many as the budget fits, re-estimated after each epoch from the mean epoch
+    # cost (validation amortised over eval_every). Without this a budgeted run stops with its
+    # learning rate still near the peak.
     plan = {"epochs": config.epochs}
+    train_costs: list[float] = []
+    eval_costs: list[float] = []
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=config.learning_rate,
@@ -422,7 +426,9 @@ def train_recommender(
         spent = time.perf_counter() - training_started
         out_of_time = spent > budget
         last_planned = epoch >= plan["epochs"]
+        train_costs.append(row["seconds"])
         if epoch % config.eval_every == 0 or last_planned or out_of_time:
+            eval_started = time.perf_counter()
             ranks, _ = rank_targets(model, data, parts["valid"], valid_rows, config, device, trie)
             row.update({f"valid_{k}": v for k, v in metrics_from_ranks(ranks).items()})
             if row["valid_ndcg@10"] > best:
@@ -431,14 +437,18 @@ def train_recommender(
                 row["best"] = True
             else:
                 waited += 1
+            eval_costs.append(time.perf_counter() - eval_started)
         if budget < math.inf:
+            epoch_cost = float(np.mean(train_costs))
+            if eval_costs:
+                epoch_cost += float(np.mean(eval_costs)) / config.eval_every
             plan["epochs"] = epochs_within_budget(
-                epoch, time.perf_counter() - training_started, budget, config.epochs
+                epoch, budget - (time.perf_counter() - training_started), epoch_cost, plan["epochs"]
             )
             row["planned_epochs"] = plan["epochs"]
         history.append(row)
         if progress is not None:
-            progress(epoch, config.epochs, row)
+            progress(epoch, plan["epochs"], row)
         if waited >= config.patience:
             log.info(
                 "early stop at epoch %d: no better validation NDCG@10 in %d checks", epoch, waited
@@ -564,8 +574,11 @@ def train_task(config: GenRecTrainConfig, run_id: str) -> dict:
     started = time.perf_counter()
     model, history = train_recommender(config, data, progress)
     save_checkpoint(store, run_id, config, data, model, history)
+    best = [row["epoch"] for row in history if row.get("best")]
     return {
         "epochs": len(history),
+        "best_epoch": best[-1] if best else None,
+        "planned_epochs": history[-1].get("planned_epochs", config.epochs) if history else 0,
         "train_seconds": time.perf_counter() - started,
         "users": len(data.users),
         "items": data.n_items,

@@ -128,13 +128,13 @@ def test_popularity_buckets_split_items_20_30_50():
 
 
 def test_a_time_budget_plans_the_epochs_it_can_afford():
-    # 2 epochs in 100 s, 300 s left at 50 s each: 6 more, 8 in all.
-    assert epochs_within_budget(done=2, spent=100, budget=400, most=60) == 8
-    assert epochs_within_budget(done=2, spent=100, budget=400, most=5) == 5  # never past `most`
-    # Past the budget (or under one epoch left), the next epoch is the last one.
-    assert epochs_within_budget(done=7, spent=420, budget=400, most=60) == 8
-    assert epochs_within_budget(done=7, spent=380, budget=400, most=60) == 8
-    assert epochs_within_budget(done=5, spent=10, budget=400, most=5) == 5
+    # 2 epochs done, 300 s left at 50 s an epoch: 6 more, 8 in all.
+    assert epochs_within_budget(done=2, left=300, epoch_cost=50, planned=60) == 8
+    assert epochs_within_budget(done=2, left=300, epoch_cost=50, planned=5) == 5  # only shrinks
+    # Out of budget (or under one epoch left): the next epoch is the last one.
+    assert epochs_within_budget(done=7, left=-20, epoch_cost=60, planned=60) == 8
+    assert epochs_within_budget(done=7, left=20, epoch_cost=60, planned=60) == 8
+    assert epochs_within_budget(done=5, left=1000, epoch_cost=1, planned=5) == 5
 
 
 def test_sasrec_handles_left_padding_and_learns():
@@ -154,3 +154,12 @@ def test_sasrec_handles_left_padding_and_learns():
     assert loss.item() < first / 5
     scores = model.eval().scores(history)
     assert scores.argmax(1).tolist() == [3, 9]  # item ids 4 and 10 are at index 3 and 9
+
+
+def test_a_text_task_needs_one_item_with_every_text_it_reads():
+    from sidpipe.tasks.train_data import _fed
+
+    # Some item has a caption and some other item a title, but none has both: nothing to train.
+    assert not _fed("caption_to_title", {"caption": [[5], []], "title": [[], [7]]})
+    assert _fed("caption_to_title", {"caption": [[5], [6]], "title": [[], [7]]})
+    assert not _fed("interests_to_sid", {"title": [[1]]})  # no interests column at all
