@@ -326,16 +326,20 @@ def beam_search(
             :, -1, space.sid_start : space.sid_end
         ]
         logp = F.log_softmax(logits.float(), dim=-1)
-        mask = torch.full_like(logp, float("-inf"))
         if trie is None:
+            mask = torch.full_like(logp, float("-inf"))
             lo, hi = level_bounds[depth]
             mask[:, lo:hi] = 0.0
         else:
-            prefixes = tokens[:, 1:].tolist()
-            for row, prefix in enumerate(prefixes):
-                allowed = trie.allowed(tuple(prefix))
-                if len(allowed):
-                    mask[row, allowed.to(device)] = 0.0
+            # Built on the CPU in one indexing op and moved once: a transfer per beam row
+            # would dominate decoding on a GPU.
+            allowed = [trie.allowed(tuple(prefix)) for prefix in tokens[:, 1:].tolist()]
+            rows_of = torch.repeat_interleave(
+                torch.arange(len(allowed)), torch.tensor([len(a) for a in allowed])
+            )
+            mask = torch.full(logp.shape, float("-inf"))
+            mask[rows_of, torch.cat(allowed)] = 0.0
+            mask = mask.to(device)
         candidates = (scores.view(-1, 1) + logp + mask).view(batch, beams * vocab_sid)
         scores, flat = candidates.topk(beams, dim=-1)
         parent = flat // vocab_sid
