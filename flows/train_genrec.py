@@ -10,6 +10,8 @@ predictions.parquet; and the `genrec-metrics` / `genrec-report` Prefect artifact
 
 from __future__ import annotations
 
+import uuid
+
 from prefect import flow
 
 from sidpipe.config import GenRecTrainConfig
@@ -20,6 +22,7 @@ from sidpipe.tasks.train_genrec import evaluate_task, train_task
 @flow(name="train-genrec", log_prints=True)
 def train_genrec(config: GenRecTrainConfig) -> dict:
     """Train `config.model` (tiger or sasrec) on the catalog's published SIDs and evaluate it."""
-    run_id = f"{utcnow():%Y%m%dT%H%M%S}-{config.name}-{config.model}"
+    # Time first so runs list in order; the random part keeps two runs in one second apart.
+    run_id = f"{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}-{config.name}-{config.model}"
     trained = train_task(config, run_id)
     return evaluate_task(config, run_id, trained)
