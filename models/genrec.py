@@ -378,9 +378,10 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
-    """Learning-rate factor: linear warm-up, then cosine decay to 10%."""
+def cosine_with_warmup(step: int, warmup: int, total: int, clock: float = 0.0) -> float:
+    """Learning-rate factor: linear warm-up, then cosine decay to 10%. The decay follows the
+    steps or, under a time budget, the share of it used (`clock`), whichever is further along."""
     if step < warmup:
         return (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    progress = min(1.0, max((step - warmup) / max(1, total - warmup), clock))
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

@@ -826,7 +826,7 @@ def train_genrec_command(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     time_limit_minutes: Annotated[
         float | None,
-        typer.Option(help="Minutes to train; the learning-rate decay is fitted to them."),
+        typer.Option(help="Minutes to train; the learning rate decays with the clock."),
     ] = None,
 ) -> None:
     """Train the TIGER-style generative recommender (or SASRec) on a catalog's published SIDs

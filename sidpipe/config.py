@@ -377,8 +377,8 @@ class GenRecTrainConfig(BaseModel):
         default=None,
         gt=0,
         description=(
-            "Stop after the epoch that crosses this wall-clock budget (validated there); the"
-            " learning-rate decay is fitted to the epochs the budget allows."
+            "Wall-clock budget: the learning rate decays with the clock, and training stops"
+            " (validating there) when another epoch would not fit."
         ),
     )
     # decoding and evaluation

@@ -325,16 +325,6 @@ def _autocast(device: torch.device):
 
 
 # -- training ------------------------------------------------------------------------------------
-def epochs_within_budget(done: int, left: float, epoch_cost: float, planned: int) -> int:
-    """The epochs a budgeted run will train in all: those done plus what the `left` seconds fit
-    at `epoch_cost` each, at least one more, and never more than `planned` (the plan only
-    shrinks, so the learning rate never climbs back)."""
-    if done >= planned:
-        return planned
-    fits = done + int(max(0.0, left) // max(epoch_cost, 1e-9))
-    return max(done + 1, min(planned, fits))
-
-
 def train_recommender(
     config: GenRecTrainConfig,
     data: GenRecData,
@@ -367,22 +357,21 @@ def train_recommender(
     else:
         sampler = TaskSampler(data, parts["train"], config, config.seed)
         steps_per_epoch = sampler.steps_per_epoch
-    # The cosine decay spans the epochs the run will really train: all of them, or under a
-    # time limit as many as the budget fits, re-estimated after each epoch from the mean epoch
-    # cost (validation amortised over eval_every). Without this a budgeted run stops with its
-    # learning rate still near the peak.
-    plan = {"epochs": config.epochs}
+    # Under a time limit the cosine decay follows the clock, so a budgeted run ends with a
+    # decayed learning rate instead of stopping near the peak of a schedule sized for all epochs.
+    budget = config.time_limit_minutes * 60 if config.time_limit_minutes else math.inf
+    clock = {"used": 0.0}  # share of the budget spent, updated every step
     train_costs: list[float] = []
-    eval_costs: list[float] = []
     optimizer = torch.optim.AdamW(
         model.parameters(),
         lr=config.learning_rate,
         weight_decay=config.weight_decay,
         betas=(0.9, 0.98),
     )
+    total = steps_per_epoch * config.epochs
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        lambda s: cosine_with_warmup(s, config.warmup_steps, steps_per_epoch * plan["epochs"]),
+        lambda s: cosine_with_warmup(s, config.warmup_steps, total, clock["used"]),
     )
     log.info(
         "training %s (%s params) on %s: %d users, %d items, tasks %s, %d steps/epoch",
@@ -396,7 +385,6 @@ def train_recommender(
     )
     history: list[dict] = []
     best, best_state, waited = -1.0, None, 0
-    budget = config.time_limit_minutes * 60 if config.time_limit_minutes else math.inf
     training_started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -416,6 +404,7 @@ def train_recommender(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
+            clock["used"] = (time.perf_counter() - training_started) / budget
             schedule.step()
             losses.append(loss.item())
         row = {
@@ -423,12 +412,11 @@ def train_recommender(
             "loss": float(np.mean(losses)),
             "seconds": time.perf_counter() - started,
         }
-        spent = time.perf_counter() - training_started
-        out_of_time = spent > budget
-        last_planned = epoch >= plan["epochs"]
+        # Stop (validating here) when another epoch would not fit in the budget.
         train_costs.append(row["seconds"])
-        if epoch % config.eval_every == 0 or last_planned or out_of_time:
-            eval_started = time.perf_counter()
+        spent = time.perf_counter() - training_started
+        out_of_time = spent + float(np.mean(train_costs)) > budget
+        if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
             ranks, _ = rank_targets(model, data, parts["valid"], valid_rows, config, device, trie)
             row.update({f"valid_{k}": v for k, v in metrics_from_ranks(ranks).items()})
             if row["valid_ndcg@10"] > best:
@@ -437,26 +425,16 @@ def train_recommender(
                 row["best"] = True
             else:
                 waited += 1
-            eval_costs.append(time.perf_counter() - eval_started)
-        if budget < math.inf:
-            epoch_cost = float(np.mean(train_costs))
-            if eval_costs:
-                epoch_cost += float(np.mean(eval_costs)) / config.eval_every
-            plan["epochs"] = epochs_within_budget(
-                epoch, budget - (time.perf_counter() - training_started), epoch_cost, plan["epochs"]
-            )
-            row["planned_epochs"] = plan["epochs"]
         history.append(row)
         if progress is not None:
-            progress(epoch, plan["epochs"], row)
+            progress(epoch, config.epochs, row)
         if waited >= config.patience:
             log.info(
                 "early stop at epoch %d: no better validation NDCG@10 in %d checks", epoch, waited
             )
             break
-        if out_of_time or last_planned:
-            if out_of_time:
-                log.info("stopped at epoch %d: time limit of %.0f min", epoch, budget / 60)
+        if out_of_time:
+            log.info("stopped at epoch %d: time limit of %.0f min", epoch, budget / 60)
             break
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -578,7 +556,6 @@ def train_task(config: GenRecTrainConfig, run_id: str) -> dict:
     return {
         "epochs": len(history),
         "best_epoch": best[-1] if best else None,
-        "planned_epochs": history[-1].get("planned_epochs", config.epochs) if history else 0,
         "train_seconds": time.perf_counter() - started,
         "users": len(data.users),
         "items": data.n_items,

@@ -13,11 +13,11 @@ from sidpipe.models.genrec import (
     SidTrie,
     TokenSpace,
     beam_search,
+    cosine_with_warmup,
     score_items,
 )
 from sidpipe.models.sasrec import SASRec, SASRecConfig
 from sidpipe.tasks.train_genrec import (
-    epochs_within_budget,
     metrics_from_ranks,
     popularity_buckets,
 )
@@ -127,14 +127,14 @@ def test_popularity_buckets_split_items_20_30_50():
     assert buckets.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
 
 
-def test_a_time_budget_plans_the_epochs_it_can_afford():
-    # 2 epochs done, 300 s left at 50 s an epoch: 6 more, 8 in all.
-    assert epochs_within_budget(done=2, left=300, epoch_cost=50, planned=60) == 8
-    assert epochs_within_budget(done=2, left=300, epoch_cost=50, planned=5) == 5  # only shrinks
-    # Out of budget (or under one epoch left): the next epoch is the last one.
-    assert epochs_within_budget(done=7, left=-20, epoch_cost=60, planned=60) == 8
-    assert epochs_within_budget(done=7, left=20, epoch_cost=60, planned=60) == 8
-    assert epochs_within_budget(done=5, left=1000, epoch_cost=1, planned=5) == 5
+def test_the_learning_rate_decays_with_the_steps_or_the_clock_whichever_is_ahead():
+    assert cosine_with_warmup(4, warmup=10, total=100) == pytest.approx(0.5)
+    assert cosine_with_warmup(10, warmup=10, total=100) == pytest.approx(1.0)
+    assert cosine_with_warmup(100, warmup=10, total=100) == pytest.approx(0.1)  # the floor
+    # 10% of the steps but half the time budget gone: decayed as if half-way.
+    half = cosine_with_warmup(19, warmup=10, total=100, clock=0.5)
+    assert half == pytest.approx(0.55) == cosine_with_warmup(55, warmup=10, total=100)
+    assert cosine_with_warmup(19, warmup=10, total=100, clock=1.7) == pytest.approx(0.1)
 
 
 def test_sasrec_handles_left_padding_and_learns():

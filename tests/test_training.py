@@ -162,7 +162,7 @@ def test_training_without_published_sids_says_what_to_run(tmp_path):
     assert "no published SIDs" in result.output and "sidpipe run" in result.output
 
 
-def test_a_time_budget_stops_training_after_the_epoch_that_crosses_it(beauty_slice):
+def test_a_time_budget_stops_training_before_an_epoch_that_would_not_fit(beauty_slice):
     from sidpipe.tasks.train_data import prepare_data
     from sidpipe.tasks.train_genrec import train_recommender
 
