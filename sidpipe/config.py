@@ -367,6 +367,13 @@ class GenRecTrainConfig(BaseModel):
     learning_rate: float = 1e-3
     weight_decay: float = 0.035
     warmup_steps: int = 500
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        default="cosine",
+        description=(
+            "After warm-up: cosine decay to 10% (over all epochs, or with the clock under a"
+            " time limit), or constant, as the SASRec paper trains."
+        ),
+    )
     epochs: int = 100
     eval_every: int = Field(default=5, ge=1, description="Epochs between validations.")
     patience: int = Field(default=4, ge=1, description="Validations without improvement.")
@@ -436,6 +443,7 @@ TRAIN_PRESETS: dict[str, dict] = {
     # The SASRec baseline (CE loss) in the same harness.
     "sasrec-beauty": {
         "model": "sasrec",
+        "lr_schedule": "constant",
         "d_model": 64,
         "heads": 2,
         "encoder_layers": 2,

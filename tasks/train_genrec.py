@@ -369,10 +369,11 @@ def train_recommender(
         betas=(0.9, 0.98),
     )
     total = steps_per_epoch * config.epochs
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: cosine_with_warmup(s, config.warmup_steps, total, clock["used"]),
-    )
+    if config.lr_schedule == "constant":
+        factor = lambda s: min(1.0, (s + 1) / config.warmup_steps)  # noqa: E731
+    else:
+        factor = lambda s: cosine_with_warmup(s, config.warmup_steps, total, clock["used"])  # noqa: E731
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     log.info(
         "training %s (%s params) on %s: %d users, %d items, tasks %s, %d steps/epoch",
         config.model,
