@@ -367,11 +367,11 @@ class GenRecTrainConfig(BaseModel):
     learning_rate: float = 1e-3
     weight_decay: float = 0.035
     warmup_steps: int = 500
-    lr_schedule: Literal["cosine", "constant"] = Field(
+    lr_schedule: Literal["cosine", "cosine-budget", "constant"] = Field(
         default="cosine",
         description=(
-            "After warm-up: cosine decay to 10% (over all epochs, or with the clock under a"
-            " time limit), or constant, as the SASRec paper trains."
+            "After warm-up: cosine decay to 10% over all epochs; cosine-budget, the same decay"
+            " over the time limit's clock; or constant, as the SASRec paper trains."
         ),
     )
     epochs: int = 100

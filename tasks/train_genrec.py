@@ -357,10 +357,9 @@ def train_recommender(
     else:
         sampler = TaskSampler(data, parts["train"], config, config.seed)
         steps_per_epoch = sampler.steps_per_epoch
-    # Under a time limit the cosine decay follows the clock, so a budgeted run ends with a
-    # decayed learning rate instead of stopping near the peak of a schedule sized for all epochs.
     budget = config.time_limit_minutes * 60 if config.time_limit_minutes else math.inf
-    clock = {"used": 0.0}  # share of the budget spent, updated every step
+    # cosine-budget: the decay follows the share of the time limit used, updated every step.
+    clock = {"used": 0.0}
     train_costs: list[float] = []
     optimizer = torch.optim.AdamW(
         model.parameters(),
@@ -405,7 +404,8 @@ def train_recommender(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
-            clock["used"] = (time.perf_counter() - training_started) / budget
+            if config.lr_schedule == "cosine-budget":
+                clock["used"] = (time.perf_counter() - training_started) / budget
             schedule.step()
             losses.append(loss.item())
         row = {
