@@ -808,8 +808,9 @@ def train_genrec_command(
         typer.Option(
             "--config",
             "-c",
-            help="Preset (cpu-small, beauty-cpu, beauty, beauty-multitask, "
-            "sasrec-beauty) or a YAML file.",
+            help="Preset (cpu-small, beauty-cpu, beauty-multitask-cpu, beauty, "
+            "beauty-multitask, sasrec-beauty) or a YAML file (`base: <preset>` to start "
+            "from one).",
         ),
     ] = "cpu-small",
     store: StoreOption = None,
@@ -826,7 +827,7 @@ def train_genrec_command(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     time_limit_minutes: Annotated[
         float | None,
-        typer.Option(help="Minutes to train; the learning rate decays with the clock."),
+        typer.Option(help="Minutes to train: stops before an epoch that would not fit."),
     ] = None,
 ) -> None:
     """Train the TIGER-style generative recommender (or SASRec) on a catalog's published SIDs

@@ -384,8 +384,8 @@ class GenRecTrainConfig(BaseModel):
         default=None,
         gt=0,
         description=(
-            "Wall-clock budget: the learning rate decays with the clock, and training stops"
-            " (validating there) when another epoch would not fit."
+            "Wall-clock budget: training stops (validating there) when another epoch would not"
+            " fit; with lr_schedule cosine-budget the learning rate decays with the clock."
         ),
     )
     # decoding and evaluation
@@ -457,15 +457,36 @@ TRAIN_PRESETS: dict[str, dict] = {
     },
 }
 
+# TriAlignGR's multitask mode with beauty-cpu's model: an epoch holds one batch of every task
+# for each next-SID batch (5 tasks on Beauty without captions: about 5x beauty-cpu's epoch), so
+# it validates every epoch.
+TRAIN_PRESETS["beauty-multitask-cpu"] = TRAIN_PRESETS["beauty-cpu"] | {
+    "tasks": ["all"],
+    "epochs": 12,
+    "eval_every": 1,
+}
+
 
 def train_config(name_or_path: str, **overrides: Any) -> GenRecTrainConfig:
-    """A preset by name, or a YAML file, with overrides (None values are ignored)."""
+    """A preset by name, or a YAML file, with overrides (None values are ignored).
+
+    A YAML file may start from a preset with `base: <preset>` and change only some fields.
+    """
     import yaml
 
     if name_or_path in TRAIN_PRESETS:
         values = {"name": name_or_path, **TRAIN_PRESETS[name_or_path]}
     elif Path(name_or_path).is_file():
         values = yaml.safe_load(Path(name_or_path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{name_or_path}: a training config is a YAML mapping")
+        base = values.pop("base", None)
+        if base is not None:
+            if base not in TRAIN_PRESETS:
+                raise ConfigError(
+                    f"{name_or_path}: unknown base preset {base!r} ({', '.join(TRAIN_PRESETS)})"
+                )
+            values = TRAIN_PRESETS[base] | values
         values.setdefault("name", Path(name_or_path).stem)
     else:
         raise ConfigError(

@@ -70,3 +70,19 @@ def test_config_is_a_prefect_form_friendly_schema():
     assert {"store", "catalog", "caption", "interests", "embed", "tokenizer"} <= set(
         schema["properties"]
     )
+
+
+def test_a_training_yaml_starts_from_a_preset_and_changes_only_what_it_names(tmp_path):
+    from sidpipe.config import TRAIN_PRESETS, train_config
+
+    path = tmp_path / "toys-cpu.yaml"
+    path.write_text("base: beauty-cpu\ncatalog: toys\nthreads: 1\n")
+    config = train_config(str(path), epochs=9)
+    assert config.name == "toys-cpu" and config.catalog == "toys" and config.threads == 1
+    assert config.epochs == 9  # the command line still wins
+    assert config.d_model == TRAIN_PRESETS["beauty-cpu"]["d_model"] != 128
+    assert train_config("beauty-multitask-cpu").tasks == ["all"]
+
+    path.write_text("base: no-such-preset\n")
+    with pytest.raises(ConfigError, match="unknown base preset 'no-such-preset'"):
+        train_config(str(path))
