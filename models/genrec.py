@@ -235,8 +235,13 @@ class GenRecModel(nn.Module):
         memory: torch.Tensor | None,
         memory_padding: torch.Tensor,
         cross_kv: list | None = None,
+        columns: slice = slice(None),
+        last_only: bool = False,
     ):
-        """Decoder states for target_in [B, T] (starting with BOS) -> logits [B, T, vocab]."""
+        """Decoder states for target_in [B, T] (starting with BOS) -> logits [B, T, vocab].
+
+        Decoding asks for the SID `columns` of the `last_only` position: with text tasks the
+        vocabulary is ~30x the SID tokens, and every earlier position is already decided."""
         positions = torch.arange(target_in.shape[1], device=target_in.device)
         x = self.drop(self.embed(target_in) + self.target_position(positions))
         for i, block in enumerate(self.decoder):
@@ -249,9 +254,11 @@ class GenRecModel(nn.Module):
             )
         # Tied output embedding, scaled as in T5 with tied weights; in float32 even under bf16
         # autocast, so near-ties between items are not decided by rounding.
+        if last_only:
+            x = x[:, -1:]
         with torch.autocast(device_type=x.device.type, enabled=False):
             h = self.decoder_norm(x).float()
-            return h @ self.embed.weight.float().T * (self.config.d_model**-0.5)
+            return h @ self.embed.weight[columns].float().T * (self.config.d_model**-0.5)
 
     def forward(self, source: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Teacher-forced cross-entropy of `target` [B, T] (ending in EOS, PAD-padded)."""
@@ -322,8 +329,9 @@ def beam_search(
     scores = torch.full((batch, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam per row at the start
     for depth in range(space.sid_length):
-        logits = model.decode(tokens, None, padding, cross_kv)[
-            :, -1, space.sid_start : space.sid_end
+        sid_columns = slice(space.sid_start, space.sid_end)
+        logits = model.decode(tokens, None, padding, cross_kv, columns=sid_columns, last_only=True)[
+            :, -1
         ]
         logp = F.log_softmax(logits.float(), dim=-1)
         if trie is None:
@@ -366,8 +374,11 @@ def score_items(
         target_in = F.pad(items[:, :-1], (1, 0), value=BOS)
         for b in range(batch):
             logits = model.decode(
-                target_in, memory[b : b + 1].expand(c, -1, -1), padding[b : b + 1].expand(c, -1)
-            )[:, :, space.sid_start : space.sid_end]
+                target_in,
+                memory[b : b + 1].expand(c, -1, -1),
+                padding[b : b + 1].expand(c, -1),
+                columns=slice(space.sid_start, space.sid_end),
+            )
             logp = F.log_softmax(logits.float(), dim=-1)
             picked = logp.gather(-1, (items - space.sid_start).unsqueeze(-1)).squeeze(-1)
             out[b, start : start + c] = picked.sum(-1)

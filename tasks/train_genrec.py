@@ -408,15 +408,21 @@ def train_recommender(
                 clock["used"] = (time.perf_counter() - training_started) / budget
             schedule.step()
             losses.append(loss.item())
+            # An epoch longer than the whole budget (multitask on a CPU) is cut where it ends.
+            if time.perf_counter() - training_started >= budget:
+                break
         row = {
             "epoch": epoch,
             "loss": float(np.mean(losses)),
             "seconds": time.perf_counter() - started,
+            "steps": len(losses),
         }
-        # Stop (validating here) when another epoch would not fit in the budget.
+        # Stop (validating here) when the budget is spent or another epoch would not fit.
         train_costs.append(row["seconds"])
         spent = time.perf_counter() - training_started
         out_of_time = spent + float(np.mean(train_costs)) > budget
+        if len(losses) < steps_per_epoch:
+            row["cut_short"] = True
         if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
             ranks, _ = rank_targets(model, data, parts["valid"], valid_rows, config, device, trie)
             row.update({f"valid_{k}": v for k, v in metrics_from_ranks(ranks).items()})

@@ -162,8 +162,8 @@ def test_training_without_published_sids_says_what_to_run(tmp_path):
     assert "no published SIDs" in result.output and "sidpipe run" in result.output
 
 
-def test_a_time_budget_stops_training_before_an_epoch_that_would_not_fit(beauty_slice):
-    from sidpipe.tasks.train_data import prepare_data
+def test_a_time_budget_shorter_than_an_epoch_cuts_the_epoch_and_validates(beauty_slice):
+    from sidpipe.tasks.train_data import prepare_data, splits
     from sidpipe.tasks.train_genrec import train_recommender
 
     config = train_config(
@@ -175,8 +175,45 @@ def test_a_time_budget_stops_training_before_an_epoch_that_would_not_fit(beauty_
         eval_every=10,
         time_limit_minutes=0.001,
     )
-    _, history = train_recommender(config, prepare_data(config))
+    data = prepare_data(config)
+    _, history = train_recommender(config, data)
     assert len(history) == 1 and "valid_ndcg@10" in history[0]  # validated where it stopped
+    steps_per_epoch = -(-len(splits(data, config.max_history)["train"].target) // config.batch_size)
+    assert history[0]["cut_short"] and 1 <= history[0]["steps"] < steps_per_epoch
+
+
+def test_a_time_budget_stops_before_an_epoch_that_would_not_fit(beauty_slice, monkeypatch):
+    import time
+
+    from sidpipe.tasks import train_genrec as module
+    from sidpipe.tasks.train_data import prepare_data, splits
+
+    class Clock:  # every reading of the clock costs one second: an epoch of N steps ~ N s
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 1.0
+            return self.now
+
+        def __getattr__(self, name):
+            return getattr(time, name)
+
+    config = train_config(
+        "cpu-small",
+        store=beauty_slice["store"],
+        catalog="beauty-slice",
+        interactions=beauty_slice["interactions"],
+        epochs=50,
+        eval_every=10,
+    )
+    data = prepare_data(config)
+    steps = -(-len(splits(data, config.max_history)["train"].target) // config.batch_size)
+    # Room for one and a half epochs: the second would not fit, so none is started.
+    config = config.model_copy(update={"time_limit_minutes": 1.5 * (steps + 3) / 60})
+    monkeypatch.setattr(module, "time", Clock())
+    _, history = module.train_recommender(config, data)
+    assert len(history) == 1 and history[0]["steps"] == steps and "cut_short" not in history[0]
+    assert "valid_ndcg@10" in history[0]
 
 
 def test_training_on_cpu_is_reproducible_with_a_seed(beauty_slice):
