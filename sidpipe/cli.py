@@ -827,7 +827,10 @@ def train_genrec_command(
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     time_limit_minutes: Annotated[
         float | None,
-        typer.Option(help="Minutes to train: stops before an epoch that would not fit."),
+        typer.Option(
+            help="Minutes to train: stops before an epoch that would not fit, and cuts an "
+            "epoch longer than the whole budget."
+        ),
     ] = None,
 ) -> None:
     """Train the TIGER-style generative recommender (or SASRec) on a catalog's published SIDs
