@@ -81,6 +81,17 @@ def train(beauty_slice, *extra: str):
     )
 
 
+def small_config(beauty_slice, **overrides):
+    """`cpu-small` on the published slice."""
+    return train_config(
+        "cpu-small",
+        store=beauty_slice["store"],
+        catalog="beauty-slice",
+        interactions=beauty_slice["interactions"],
+        **overrides,
+    )
+
+
 def latest_metrics(store: str, model: str) -> dict:
     s = ArtifactStore(store)
     runs = [p for p in s.listdir("training", "genrec") if p.endswith(model)]
@@ -122,11 +133,8 @@ def test_sasrec_baseline_runs_in_the_same_harness(beauty_slice):
 def test_multitask_trains_every_task_the_published_artifacts_can_feed(beauty_slice):
     from sidpipe.flows.train_genrec import train_genrec
 
-    config = train_config(
-        "cpu-small",
-        store=beauty_slice["store"],
-        catalog="beauty-slice",
-        interactions=beauty_slice["interactions"],
+    config = small_config(
+        beauty_slice,
         epochs=1,
         tasks=["all"],
         exact_check_users=0,
@@ -166,11 +174,8 @@ def test_a_time_budget_shorter_than_an_epoch_cuts_the_epoch_and_validates(beauty
     from sidpipe.tasks.train_data import prepare_data, splits
     from sidpipe.tasks.train_genrec import train_recommender
 
-    config = train_config(
-        "cpu-small",
-        store=beauty_slice["store"],
-        catalog="beauty-slice",
-        interactions=beauty_slice["interactions"],
+    config = small_config(
+        beauty_slice,
         epochs=50,
         eval_every=10,
         time_limit_minutes=0.001,
@@ -198,11 +203,8 @@ def test_a_time_budget_stops_before_an_epoch_that_would_not_fit(beauty_slice, mo
         def __getattr__(self, name):
             return getattr(time, name)
 
-    config = train_config(
-        "cpu-small",
-        store=beauty_slice["store"],
-        catalog="beauty-slice",
-        interactions=beauty_slice["interactions"],
+    config = small_config(
+        beauty_slice,
         epochs=50,
         eval_every=10,
     )
@@ -223,11 +225,8 @@ def test_training_on_cpu_is_reproducible_with_a_seed(beauty_slice):
     from sidpipe.tasks.train_genrec import train_recommender
 
     def run(seed: int):
-        config = train_config(
-            "cpu-small",
-            store=beauty_slice["store"],
-            catalog="beauty-slice",
-            interactions=beauty_slice["interactions"],
+        config = small_config(
+            beauty_slice,
             epochs=1,
             seed=seed,
         )
@@ -251,11 +250,8 @@ def test_cuda_training_with_bf16_autocast_matches_the_protocol(beauty_slice):
     from sidpipe.flows.train_genrec import train_genrec
 
     metrics = train_genrec(
-        train_config(
-            "cpu-small",
-            store=beauty_slice["store"],
-            catalog="beauty-slice",
-            interactions=beauty_slice["interactions"],
+        small_config(
+            beauty_slice,
             epochs=3,
             device="cuda",
         )
