@@ -19,6 +19,7 @@ import time
 import numpy as np
 import torch
 
+from sidpipe.config import TRAIN_PRESETS
 from sidpipe.models.genrec import (
     GenRecModel,
     GenRecModelConfig,
@@ -71,9 +72,9 @@ def main() -> None:
     space = TokenSpace((256, 256, 256), suffix_size=max(suffixes) + 1, text_vocab=args.text_vocab)
     sequences = [space.sid_tokens(c, s) for c, s in zip(codes, suffixes, strict=True)]
     trie = SidTrie(space, sequences, [str(i) for i in range(args.items)])
-    config = GenRecModelConfig(
-        d_model=64, heads=4, head_dim=16, encoder_layers=2, decoder_layers=2, feedforward=256
-    )
+    preset = TRAIN_PRESETS["beauty-cpu"]
+    fields = ("d_model", "heads", "head_dim", "encoder_layers", "decoder_layers", "feedforward")
+    config = GenRecModelConfig(**{k: preset[k] for k in fields})
     fast = GenRecModel(space, config).eval()
     slow = WholeVocabularyDecoder(space, config).eval()
     slow.load_state_dict(fast.state_dict())

@@ -328,8 +328,8 @@ def beam_search(
     tokens = torch.full((batch * beams, 1), BOS, dtype=torch.long, device=device)
     scores = torch.full((batch, beams), float("-inf"), device=device)
     scores[:, 0] = 0.0  # one live beam per row at the start
+    sid_columns = slice(space.sid_start, space.sid_end)
     for depth in range(space.sid_length):
-        sid_columns = slice(space.sid_start, space.sid_end)
         logits = model.decode(tokens, None, padding, cross_kv, columns=sid_columns, last_only=True)[
             :, -1
         ]

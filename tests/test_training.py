@@ -92,6 +92,13 @@ def small_config(beauty_slice, **overrides):
     )
 
 
+def next_sid_steps(data, config) -> int:
+    """Steps in a next-SID-only epoch: one per batch of training windows."""
+    from sidpipe.tasks.train_data import splits
+
+    return -(-len(splits(data, config.max_history)["train"].target) // config.batch_size)
+
+
 def latest_metrics(store: str, model: str) -> dict:
     s = ArtifactStore(store)
     runs = [p for p in s.listdir("training", "genrec") if p.endswith(model)]
@@ -171,7 +178,7 @@ def test_training_without_published_sids_says_what_to_run(tmp_path):
 
 
 def test_a_time_budget_shorter_than_an_epoch_cuts_the_epoch_and_validates(beauty_slice):
-    from sidpipe.tasks.train_data import prepare_data, splits
+    from sidpipe.tasks.train_data import prepare_data
     from sidpipe.tasks.train_genrec import train_recommender
 
     config = small_config(
@@ -183,15 +190,14 @@ def test_a_time_budget_shorter_than_an_epoch_cuts_the_epoch_and_validates(beauty
     data = prepare_data(config)
     _, history = train_recommender(config, data)
     assert len(history) == 1 and "valid_ndcg@10" in history[0]  # validated where it stopped
-    steps_per_epoch = -(-len(splits(data, config.max_history)["train"].target) // config.batch_size)
-    assert history[0]["cut_short"] and 1 <= history[0]["steps"] < steps_per_epoch
+    assert history[0]["cut_short"] and 1 <= history[0]["steps"] < next_sid_steps(data, config)
 
 
 def test_a_time_budget_stops_before_an_epoch_that_would_not_fit(beauty_slice, monkeypatch):
     import time
 
     from sidpipe.tasks import train_genrec as module
-    from sidpipe.tasks.train_data import prepare_data, splits
+    from sidpipe.tasks.train_data import prepare_data
 
     class Clock:  # every reading of the clock costs one second: an epoch of N steps ~ N s
         now = 0.0
@@ -209,7 +215,7 @@ def test_a_time_budget_stops_before_an_epoch_that_would_not_fit(beauty_slice, mo
         eval_every=10,
     )
     data = prepare_data(config)
-    steps = -(-len(splits(data, config.max_history)["train"].target) // config.batch_size)
+    steps = next_sid_steps(data, config)
     # Room for one and a half epochs: the second would not fit, so none is started.
     config = config.model_copy(update={"time_limit_minutes": 1.5 * (steps + 3) / 60})
     monkeypatch.setattr(module, "time", Clock())
