@@ -19,14 +19,9 @@ import time
 import numpy as np
 import torch
 
-from sidpipe.config import TRAIN_PRESETS
-from sidpipe.models.genrec import (
-    GenRecModel,
-    GenRecModelConfig,
-    SidTrie,
-    TokenSpace,
-    beam_search,
-)
+from sidpipe.models.genrec import GenRecModel, TokenSpace
+from sidpipe.models.sid_decoding import SidTrie, beam_search
+from sidpipe.tasks.training.config import load_train_config
 
 
 class WholeVocabularyDecoder(GenRecModel):
@@ -72,11 +67,10 @@ def main() -> None:
     space = TokenSpace((256, 256, 256), suffix_size=max(suffixes) + 1, text_vocab=args.text_vocab)
     sequences = [space.sid_tokens(c, s) for c, s in zip(codes, suffixes, strict=True)]
     trie = SidTrie(space, sequences, [str(i) for i in range(args.items)])
-    preset = TRAIN_PRESETS["beauty-cpu"]
-    fields = ("d_model", "heads", "head_dim", "encoder_layers", "decoder_layers", "feedforward")
-    config = GenRecModelConfig(**{k: preset[k] for k in fields})
-    fast = GenRecModel(space, config).eval()
-    slow = WholeVocabularyDecoder(space, config).eval()
+    config = load_train_config("beauty-cpu").model  # its model section: the model's own config
+    sizes = {"max_source": 256, "max_target": 64}
+    fast = GenRecModel(space, config, **sizes).eval()
+    slow = WholeVocabularyDecoder(space, config, **sizes).eval()
     slow.load_state_dict(fast.state_dict())
 
     items = np.asarray(sequences)

@@ -75,7 +75,7 @@ def run_stage(url: str, items: pa.Table, max_in_flight: int, store_dir: str) -> 
     from sidpipe.config import InterestsConfig
     from sidpipe.storage.manifest import utcnow
     from sidpipe.storage.store import ArtifactStore
-    from sidpipe.tasks.enrich import interests_stage
+    from sidpipe.tasks.interests import interests_stage
     from sidpipe.tasks.stage import RunInfo
 
     run = RunInfo(run_id="bench", run_date=date.today(), catalog="bench", started_at=utcnow())

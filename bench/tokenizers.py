@@ -30,9 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.beauty import beauty_embeddings  # noqa: E402
 from sidpipe.config import TokenizerConfig  # noqa: E402
+from sidpipe.models.sid_table import assign_sids  # noqa: E402
 from sidpipe.models.sids import sid_quality  # noqa: E402
 from sidpipe.models.tokenizer import fit_tokenizer, reconstruction_cosine  # noqa: E402
-from sidpipe.tasks.assign import assign_sids  # noqa: E402
 
 
 def machine() -> str:
@@ -80,7 +80,7 @@ def row(name, fit_s, rate, codes, sizes, cosine) -> dict:
 def sidpipe_rows(x, sizes, method, settings) -> list[dict]:
     cfg = TokenizerConfig(method=method, codebook_sizes=sizes, min_points_per_code=1, **settings)
     started = time.perf_counter()
-    tokenizer, _ = fit_tokenizer(x, method, sizes, cfg)
+    tokenizer, _ = fit_tokenizer(x, sizes, cfg)
     fit_s = time.perf_counter() - started
     codes = tokenizer.encode(x)
     rate = encode_rate(tokenizer.encode, x)

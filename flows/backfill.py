@@ -19,6 +19,8 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from sidpipe.config import PipelineConfig, load_config
+from sidpipe.errors import BackfillError, ConfigError
+from sidpipe.flows.clean_failures import fail_cleanly
 from sidpipe.flows.nightly import nightly_tokenization
 
 NIGHTLY_DEPLOYMENT = "nightly-tokenization/nightly"
@@ -30,7 +32,10 @@ def _completed(child) -> bool:
 
 def dates_between(start: date, end: date) -> list[date]:
     if end < start:
-        raise ValueError(f"backfill range is empty: end {end} is before start {start}")
+        raise ConfigError(
+            f"backfill range is empty: end {end} is before start {start}",
+            hint="--from is the first date, --to the last",
+        )
     return [start + timedelta(days=i) for i in range((end - start).days + 1)]
 
 
@@ -45,7 +50,22 @@ def without_secrets(overrides: dict | None) -> dict:
     return cleaned
 
 
+def submit_backfill(start: date, end: date, deployment: str | None, overrides: dict):
+    """Start the server's backfill deployment for the range and return its flow run at once."""
+    from prefect.deployments import run_deployment
+
+    parameters = {"start": start.isoformat(), "end": end.isoformat()}
+    if deployment:
+        parameters["deployment"] = deployment
+    if overrides:
+        parameters["overrides"] = overrides
+    return run_deployment(
+        "sidpipe-backfill/backfill", parameters=parameters, timeout=0, as_subflow=False
+    )
+
+
 @flow(name="sidpipe-backfill", log_prints=True)
+@fail_cleanly
 def backfill(
     start: date,
     end: date,
@@ -109,7 +129,7 @@ def backfill(
     create_table_artifact(results, key="backfill-summary", description=f"Backfill {start} .. {end}")
     failed = [r["run_date"] for r in results if not r["ok"]]
     if failed or len(results) < len(days):
-        raise RuntimeError(
+        raise BackfillError(
             f"backfill {start}..{end}: {len(results) - len(failed)} of {len(days)} dates "
             f"published; failed: {', '.join(failed) or 'none'}"
         )

@@ -20,18 +20,21 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 
 from sidpipe.config import PipelineConfig, resolve_config
+from sidpipe.flows.clean_failures import fail_cleanly
 from sidpipe.flows.runners import make_task_runner
 from sidpipe.storage.lock import StoreLock, catalog_lock_name
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.assign import assign_task
+from sidpipe.tasks.caption import caption_task
 from sidpipe.tasks.embed import embed_task
-from sidpipe.tasks.enrich import caption_task, check_endpoints, interests_task
 from sidpipe.tasks.fit import fit_task
 from sidpipe.tasks.ingest import ingest_task
+from sidpipe.tasks.interests import interests_task
+from sidpipe.tasks.preflight import preflight
 from sidpipe.tasks.publish import publish_task
 from sidpipe.tasks.runs import mark_failed, mark_published, new_run_id, start_run
-from sidpipe.tasks.stage import gather_task
+from sidpipe.tasks.shards import gather_task
 
 
 def logical_date(run_date: date | None, timezone: str = "UTC") -> date:
@@ -45,6 +48,7 @@ def logical_date(run_date: date | None, timezone: str = "UTC") -> date:
 
 
 @flow(name="nightly-tokenization", log_prints=True)
+@fail_cleanly
 def nightly_tokenization(
     config: PipelineConfig = PipelineConfig(),  # noqa: B008 - Prefect renders it as a form
     run_date: date | None = None,
@@ -64,11 +68,12 @@ def nightly_tokenization(
 
 
 @flow(name="tokenize-catalog")
+@fail_cleanly
 def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | None = None) -> dict:
     """The DAG of one run, under the catalog's lock."""
     logger = get_run_logger()
-    check_endpoints(config)
-    store = ArtifactStore(config.store)
+    store = ArtifactStore(config.store)  # one store for every task of the run
+    preflight(config, store)
     orchestration = config.orchestration
     run_id = new_run_id(parent_run)
     lock = StoreLock(
@@ -92,26 +97,29 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
         )
         shards_in_flight: list = []
         try:
-            ingest = ingest_task(config, run)
+            ingest = ingest_task(store, config, run)
             shards = list(range(ingest.shard_count))
             # Per shard, interests waits only for its own shard's captions, embed for its own
             # interests: shards flow through the three stages independently.
-            captions = caption_task.map(unmapped(config), unmapped(run), shards)
+            same = {"store": unmapped(store), "config": unmapped(config), "run": unmapped(run)}
+            captions = caption_task.map(**same, shard=shards)
             interests = interests_task.map(
-                unmapped(config), unmapped(run), unmapped(ingest), shards, captions
+                **same, ingest=unmapped(ingest), shard=shards, caption=captions
             )
             embeds = embed_task.map(
-                unmapped(config), unmapped(run), unmapped(ingest), shards, captions, interests
+                **same, ingest=unmapped(ingest), shard=shards, caption=captions, interests=interests
             )
             shards_in_flight = [*captions, *interests, *embeds]
             # .result() raises a shard's own error (e.g. a model server that is down).
-            caption = gather_task(config.store, run, [f.result() for f in captions])
-            interest = gather_task(config.store, run, [f.result() for f in interests])
-            embed = gather_task(config.store, run, [f.result() for f in embeds])
-            fit = fit_task(config, run, embed)
-            assign = assign_task(config, run, embed, fit)
+            caption = gather_task(store, run, [f.result() for f in captions])
+            interest = gather_task(store, run, [f.result() for f in interests])
+            embed = gather_task(store, run, [f.result() for f in embeds])
+            fit = fit_task(store, config, run, embed)
+            assign = assign_task(store, config, run, embed, fit)
             lock.ensure_held()
-            manifest = publish_task(config, run, ingest, [caption, interest, embed], fit, assign)
+            manifest = publish_task(
+                store, config, run, ingest, [caption, interest, embed], fit, assign
+            )
         except BaseException as exc:
             # Shards still running keep writing into this run's folder: let them finish
             # before the lock is given back and another attempt may adopt the folder.

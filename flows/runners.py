@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 
 from sidpipe.config import OrchestrationConfig
+from sidpipe.errors import ConfigError
 
 
 def make_task_runner(config: OrchestrationConfig):
@@ -24,10 +25,11 @@ def make_task_runner(config: OrchestrationConfig):
     if kind == "dask":
         try:
             from prefect_dask import DaskTaskRunner
-        except ImportError as exc:
-            raise RuntimeError(
-                "orchestration.task_runner=dask needs prefect-dask: pip install 'sidpipe[dask]'"
-            ) from exc
+        except ImportError:
+            raise ConfigError(
+                "orchestration.task_runner=dask needs prefect-dask",
+                hint="pip install 'sidpipe[dask]'",
+            ) from None
         if config.cluster_address:
             return DaskTaskRunner(address=config.cluster_address)
         workers = config.max_workers or os.cpu_count() or 1
@@ -37,10 +39,10 @@ def make_task_runner(config: OrchestrationConfig):
         )
     try:
         from prefect_ray import RayTaskRunner
-    except ImportError as exc:
-        raise RuntimeError(
-            "orchestration.task_runner=ray needs prefect-ray: pip install 'sidpipe[ray]'"
-        ) from exc
+    except ImportError:
+        raise ConfigError(
+            "orchestration.task_runner=ray needs prefect-ray", hint="pip install 'sidpipe[ray]'"
+        ) from None
     return (
         RayTaskRunner(address=config.cluster_address)
         if config.cluster_address

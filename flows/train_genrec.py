@@ -1,6 +1,6 @@
-"""Train a generative recommender on published SIDs, then evaluate it.
+"""Train a generative recommender (or the SASRec baseline) on published SIDs, then evaluate it.
 
-    prepare (published SIDs + items + interactions) -> train (early stopping) -> evaluate
+    load published SIDs + items + interactions -> train (early stopping) -> evaluate
 
 Reads only what the tokenization flow published, plus interactions; never runs a model stage.
 Writes `<store>/training/genrec/<run_id>/`: config.json, model.safetensors, history.json,
@@ -10,19 +10,22 @@ predictions.parquet; and the `genrec-metrics` / `genrec-report` Prefect artifact
 
 from __future__ import annotations
 
-import uuid
-
 from prefect import flow
 
-from sidpipe.config import GenRecTrainConfig
-from sidpipe.storage.manifest import utcnow
-from sidpipe.tasks.train_genrec import evaluate_task, train_task
+from sidpipe.flows.clean_failures import fail_cleanly
+from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.training.checkpoint import new_run_id
+from sidpipe.tasks.training.config import TrainConfig
+from sidpipe.tasks.training.ranking import evaluate_task, train_task
+
+FLOW = "genrec"
 
 
 @flow(name="train-genrec", log_prints=True)
-def train_genrec(config: GenRecTrainConfig) -> dict:
+@fail_cleanly
+def train_genrec(config: TrainConfig) -> dict:
     """Train `config.model` (tiger or sasrec) on the catalog's published SIDs and evaluate it."""
-    # Time first so runs list in order; the random part keeps two runs in one second apart.
-    run_id = f"{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}-{config.name}-{config.model}"
-    trained = train_task(config, run_id)
-    return evaluate_task(config, run_id, trained)
+    store = ArtifactStore(config.store)
+    run_id = new_run_id(config)
+    trained = train_task(store, config, FLOW, run_id)
+    return evaluate_task(store, config, FLOW, run_id, trained)

@@ -21,6 +21,8 @@ from typing import Protocol
 
 import numpy as np
 
+from sidpipe.config import EmbedConfig
+
 log = logging.getLogger(__name__)
 
 
@@ -105,9 +107,6 @@ class SentenceTransformerEmbedder:
         return out, {}
 
 
-GME_DEFAULT_MODEL = "Alibaba-NLP/gme-Qwen2-VL-2B-Instruct"
-
-
 class GMEServerEmbedder:
     """GME (gme-Qwen2-VL) served by vLLM's pooling runner, through /v1/embeddings.
 
@@ -118,21 +117,13 @@ class GMEServerEmbedder:
     last-token pooling matches GME's reference embeddings. Vectors are L2-normalized here.
     """
 
-    def __init__(
-        self,
-        settings,
-        instruction: str,
-        revision: str,
-        max_pixels: int,
-        max_image_bytes: int,
-        allow_http_images: bool,
-    ) -> None:
-        self.settings = settings
-        self.name = settings.model
-        self.revision = revision
-        self.instruction = instruction
-        self.max_pixels = max_pixels
-        self.max_image_bytes = max_image_bytes
+    def __init__(self, config: EmbedConfig, allow_http_images: bool = False) -> None:
+        self.config = config
+        self.name = config.model
+        self.revision = config.revision
+        self.instruction = config.instruction
+        self.max_pixels = config.max_pixels
+        self.max_image_bytes = config.max_image_bytes
         self.allow_http_images = allow_http_images
         self.dim: int | None = None
         self.usage = None
@@ -169,7 +160,7 @@ class GMEServerEmbedder:
         from sidpipe.models.images import image_url_for
         from sidpipe.models.openai_client import OpenAICompatClient, map_bounded
 
-        async with OpenAICompatClient(self.settings) as client:
+        async with OpenAICompatClient(self.config) as client:
             await client.health_check()
 
             async def one(item: EmbedInput) -> np.ndarray:
@@ -200,7 +191,7 @@ class GMEServerEmbedder:
                 return vector / norm
 
             results = await map_bounded(
-                inputs, one, self.settings.max_in_flight * len(self.settings.urls)
+                inputs, one, self.config.max_in_flight * len(self.config.urls)
             )
             self.usage = client.usage
         dims = {r.shape[0] for r in results if isinstance(r, np.ndarray)}

@@ -5,17 +5,19 @@ a caption, ...); the decoder writes the answer: an item's SID (one token per lev
 collision suffix) or a title. Next-item recommendation decodes SIDs with a beam search constrained
 by a prefix trie of the catalog's SIDs, so it can only return real items.
 
-One file, top to bottom: the token space, the model, the trie, the two decoders (constrained beam
-search; exact scoring of every item, to check the beam search). It never reads a store or a file.
+Here: the token space, the model's hyperparameters (`GenRecConfig`, the `model:` section of a
+training config) and the network. Decoding is `models.sid_decoding`; how items, users and tasks
+become token batches is `models.genrec_recommender`. It never reads a store or a file.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 TASKS = (
@@ -98,22 +100,48 @@ class TokenSpace:
         return [self.text_start + p for p in piece_ids]
 
 
-@dataclass
-class GenRecModelConfig:
-    """TIGER's setting by default: 4+4 layers, d_model 128, 6 heads of 64, feed-forward 1024."""
+def wanted_tasks(requested: list[str]) -> list[str]:
+    """The configured tasks, `all` expanded; unknown names and a missing next_sid are errors."""
+    if requested == ["all"]:
+        return list(TASKS)
+    unknown = set(requested) - set(TASKS)
+    if unknown:
+        raise ValueError(f"unknown tasks {sorted(unknown)}; known: {', '.join(TASKS)}")
+    if "next_sid" not in requested:
+        raise ValueError("tasks must include next_sid (the task that is evaluated)")
+    return list(requested)
 
+
+class GenRecConfig(BaseModel):
+    """The generative recommender's hyperparameters. TIGER's size by default: 4+4 layers,
+    d_model 128, 6 heads of 64, feed-forward 1024."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["tiger"] = "tiger"
+    tasks: list[str] = Field(
+        default=["next_sid"],
+        description="Generation tasks sampled uniformly (models.genrec.TASKS); 'all' = every "
+        "task the published artifacts can feed.",
+    )
     d_model: int = 128
     heads: int = 6
     head_dim: int = 64
     encoder_layers: int = 4
     decoder_layers: int = 4
     feedforward: int = 1024
-    dropout: float = 0.1
-    max_source: int = 256
-    max_target: int = 64
+    dropout: float = Field(default=0.1, ge=0, lt=1)
+    user_buckets: int = Field(default=2000, ge=1, description="Hashed user tokens (TIGER: 2,000).")
+    text_max_tokens: int = Field(default=24, ge=1, description="Word pieces of a text input.")
+    history_titles: int = Field(
+        default=5, ge=1, description="Titles read by history_titles_to_sid."
+    )
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        wanted_tasks(tasks)
+        return tasks
 
 
 class _Attention(nn.Module):
@@ -162,7 +190,7 @@ class _Attention(nn.Module):
 class _Block(nn.Module):
     """Pre-norm transformer block: self-attention, optional cross-attention, feed-forward."""
 
-    def __init__(self, c: GenRecModelConfig, cross: bool) -> None:
+    def __init__(self, c: GenRecConfig, cross: bool) -> None:
         super().__init__()
         self.self_norm = nn.LayerNorm(c.d_model)
         self.self_attn = _Attention(c.d_model, c.heads, c.head_dim, c.dropout)
@@ -192,12 +220,14 @@ class _Block(nn.Module):
 class GenRecModel(nn.Module):
     """Encoder-decoder over one shared vocabulary (input and output embeddings tied)."""
 
-    def __init__(self, space: TokenSpace, config: GenRecModelConfig) -> None:
+    def __init__(
+        self, space: TokenSpace, config: GenRecConfig, max_source: int, max_target: int
+    ) -> None:
         super().__init__()
         self.space, self.config = space, config
         self.embed = nn.Embedding(space.size, config.d_model, padding_idx=PAD)
-        self.source_position = nn.Embedding(config.max_source, config.d_model)
-        self.target_position = nn.Embedding(config.max_target, config.d_model)
+        self.source_position = nn.Embedding(max_source, config.d_model)
+        self.target_position = nn.Embedding(max_target, config.d_model)
         self.encoder = nn.ModuleList(_Block(config, False) for _ in range(config.encoder_layers))
         self.decoder = nn.ModuleList(_Block(config, True) for _ in range(config.decoder_layers))
         self.encoder_norm = nn.LayerNorm(config.d_model)
@@ -268,131 +298,3 @@ class GenRecModel(nn.Module):
         return F.cross_entropy(
             logits.reshape(-1, logits.shape[-1]).float(), target.reshape(-1), ignore_index=PAD
         )
-
-
-# -- the catalog's SIDs as a prefix trie -----------------------------------------------------------
-class SidTrie:
-    """Valid SID token sequences (every level and the suffix) and the item each one names."""
-
-    def __init__(self, space: TokenSpace, sequences: list[list[int]], item_ids: list[str]):
-        self.space = space
-        self.length = space.sid_length
-        self.items: dict[tuple[int, ...], str] = {}
-        children: dict[tuple[int, ...], set[int]] = {}
-        for seq, item in zip(sequences, item_ids, strict=True):
-            key = tuple(seq)
-            if len(key) != self.length:
-                raise ValueError(f"item {item}: SID has {len(key)} tokens, expected {self.length}")
-            if key in self.items:
-                raise ValueError(f"items {self.items[key]} and {item} share SID tokens {key}")
-            self.items[key] = item
-            for depth in range(self.length):
-                children.setdefault(key[:depth], set()).add(key[depth])
-        # Allowed next tokens, relative to sid_start, as tensors for masking.
-        self._allowed = {
-            prefix: torch.tensor(sorted(t - space.sid_start for t in tokens))
-            for prefix, tokens in children.items()
-        }
-
-    def allowed(self, prefix: tuple[int, ...]) -> torch.Tensor:
-        return self._allowed.get(prefix, torch.empty(0, dtype=torch.long))
-
-    def item(self, sequence: tuple[int, ...]) -> str | None:
-        return self.items.get(sequence)
-
-
-@torch.no_grad()
-def beam_search(
-    model: GenRecModel,
-    source: torch.Tensor,
-    trie: SidTrie | None,
-    beams: int = 20,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The `beams` most likely SIDs for each source row: (tokens [B, beams, L], log-probs
-    [B, beams]), best first. With a trie only catalog SIDs can come out (beams that cannot be
-    filled get -inf); without one, any token of the right level can (to measure invalid SIDs).
-
-    Scores are sums of log-softmax over all SID tokens of each level (no renormalisation over
-    the allowed ones), as Hugging Face's constrained generation does."""
-    space = model.space
-    device = source.device
-    memory, padding = model.encode(source)
-    batch = source.shape[0]
-    vocab_sid = space.sid_end - space.sid_start
-    level_bounds = []
-    for offset, size in zip(space.level_offsets(), space.level_sizes, strict=True):
-        level_bounds.append((offset - space.sid_start, offset - space.sid_start + size))
-
-    cross_kv = model.cross_kv(memory, repeat=beams)  # projected once, not at every step
-    padding = padding.repeat_interleave(beams, 0)
-    tokens = torch.full((batch * beams, 1), BOS, dtype=torch.long, device=device)
-    scores = torch.full((batch, beams), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # one live beam per row at the start
-    sid_columns = slice(space.sid_start, space.sid_end)
-    for depth in range(space.sid_length):
-        logits = model.decode(tokens, None, padding, cross_kv, columns=sid_columns, last_only=True)[
-            :, -1
-        ]
-        logp = F.log_softmax(logits.float(), dim=-1)
-        if trie is None:
-            mask = torch.full_like(logp, float("-inf"))
-            lo, hi = level_bounds[depth]
-            mask[:, lo:hi] = 0.0
-        else:
-            # Built on the CPU in one indexing op and moved once: a transfer per beam row
-            # would dominate decoding on a GPU.
-            allowed = [trie.allowed(tuple(prefix)) for prefix in tokens[:, 1:].tolist()]
-            rows_of = torch.repeat_interleave(
-                torch.arange(len(allowed)), torch.tensor([len(a) for a in allowed])
-            )
-            mask = torch.full(logp.shape, float("-inf"))
-            mask[rows_of, torch.cat(allowed)] = 0.0
-            mask = mask.to(device)
-        candidates = (scores.view(-1, 1) + logp + mask).view(batch, beams * vocab_sid)
-        scores, flat = candidates.topk(beams, dim=-1)
-        parent = flat // vocab_sid
-        token = flat % vocab_sid + space.sid_start
-        rows = (torch.arange(batch, device=device)[:, None] * beams + parent).view(-1)
-        tokens = torch.cat([tokens[rows], token.view(-1, 1)], dim=1)
-    return tokens[:, 1:].view(batch, beams, -1), scores
-
-
-@torch.no_grad()
-def score_items(
-    model: GenRecModel, source: torch.Tensor, item_tokens: torch.Tensor, chunk: int = 4096
-) -> torch.Tensor:
-    """Exact log-probability of every item for each source row: [B, n_items]. The same scores
-    as beam_search's (log-softmax over all SID tokens per level): ranking all items by them is
-    what a perfect beam search would return. O(B x items): a check, not the way to serve."""
-    space = model.space
-    memory, padding = model.encode(source)
-    batch, n_items = source.shape[0], item_tokens.shape[0]
-    out = torch.empty(batch, n_items, device=source.device)
-    for start in range(0, n_items, chunk):
-        items = item_tokens[start : start + chunk]  # [C, L]
-        c = items.shape[0]
-        target_in = F.pad(items[:, :-1], (1, 0), value=BOS)
-        for b in range(batch):
-            logits = model.decode(
-                target_in,
-                memory[b : b + 1].expand(c, -1, -1),
-                padding[b : b + 1].expand(c, -1),
-                columns=slice(space.sid_start, space.sid_end),
-            )
-            logp = F.log_softmax(logits.float(), dim=-1)
-            picked = logp.gather(-1, (items - space.sid_start).unsqueeze(-1)).squeeze(-1)
-            out[b, start : start + c] = picked.sum(-1)
-    return out
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def cosine_with_warmup(step: int, warmup: int, total: int, clock: float = 0.0) -> float:
-    """Learning-rate factor: linear warm-up, then cosine decay to 10%. The decay follows the
-    steps or, under a time budget, the share of it used (`clock`), whichever is further along."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = min(1.0, max((step - warmup) / max(1, total - warmup), clock))
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))

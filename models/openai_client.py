@@ -21,32 +21,24 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
+from sidpipe.config import ModelEndpointConfig
+from sidpipe.errors import EndpointUnavailableError
+
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
-
-
-class EndpointUnavailableError(RuntimeError):
-    """A model server cannot be used at all (down, wrong model): the stage must not start."""
 
 
 class RequestFailedError(RuntimeError):
     """One request failed for good (after retries, or with a non-retryable error)."""
 
 
-@dataclass
-class EndpointSettings:
-    urls: list[str]  # OpenAI-compatible base URLs, e.g. http://gpu-1:8000/v1 (replicas)
-    model: str  # the served model name the server must report
-    max_in_flight: int = 64  # per replica
-    timeout_seconds: float = 120.0  # per request
-    max_retries: int = 4
-    backoff_base_seconds: float = 0.5
-    backoff_max_seconds: float = 30.0
-    api_key: str | None = None
+# Retry backoff: exponential from the base, capped, with full jitter.
+BACKOFF_BASE_SECONDS = 0.5
+BACKOFF_MAX_SECONDS = 30.0
 
 
 @dataclass
@@ -69,21 +61,20 @@ class _Replica:
     in_flight: int = 0
 
 
-@dataclass
 class OpenAICompatClient:
-    settings: EndpointSettings
-    usage: Usage = field(default_factory=Usage)
+    """`async with OpenAICompatClient(config.caption) as client:` one model server's replicas."""
 
-    def __post_init__(self) -> None:
-        if not self.settings.urls:
+    def __init__(self, endpoint: ModelEndpointConfig) -> None:
+        if not endpoint.urls:
             raise ValueError("an endpoint needs at least one URL")
+        self.endpoint = endpoint
+        self.usage = Usage()
         self._replicas = [
-            _Replica(url, asyncio.Semaphore(self.settings.max_in_flight))
-            for url in self.settings.urls
+            _Replica(url, asyncio.Semaphore(self.endpoint.max_in_flight))
+            for url in self.endpoint.urls
         ]
-        self._headers = (
-            {"Authorization": f"Bearer {self.settings.api_key}"} if self.settings.api_key else {}
-        )
+        key = endpoint.api_key.get_secret_value() if endpoint.api_key else None
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._session: aiohttp.ClientSession | None = None
         self._rng = random.Random()
 
@@ -91,13 +82,13 @@ class OpenAICompatClient:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None:  # created lazily, inside the running event loop
             connector = aiohttp.TCPConnector(
-                limit=self.settings.max_in_flight * len(self._replicas),
-                limit_per_host=self.settings.max_in_flight,
+                limit=self.endpoint.max_in_flight * len(self._replicas),
+                limit_per_host=self.endpoint.max_in_flight,
             )
             self._session = aiohttp.ClientSession(
                 connector=connector,
                 headers=self._headers,
-                timeout=aiohttp.ClientTimeout(total=self.settings.timeout_seconds),
+                timeout=aiohttp.ClientTimeout(total=self.endpoint.timeout_seconds),
             )
         return self._session
 
@@ -126,8 +117,8 @@ class OpenAICompatClient:
                     f"({type(exc).__name__}: {exc})"
                 )
                 continue
-            if self.settings.model not in served:
-                problems.append(f"{replica.url}: serves {served}, not {self.settings.model!r}")
+            if self.endpoint.model not in served:
+                problems.append(f"{replica.url}: serves {served}, not {self.endpoint.model!r}")
         if problems:
             raise EndpointUnavailableError("; ".join(problems))
 
@@ -149,7 +140,7 @@ class OpenAICompatClient:
             except TimeoutError:
                 return (
                     None,
-                    f"timeout after {self.settings.timeout_seconds:g}s from {replica.url}",
+                    f"timeout after {self.endpoint.timeout_seconds:g}s from {replica.url}",
                     {},
                 )
             except aiohttp.ClientError as exc:
@@ -161,7 +152,7 @@ class OpenAICompatClient:
         """POST JSON to `path` on a replica; retried as described above."""
         last_error = "no attempt"
         avoid: _Replica | None = None
-        for attempt in range(self.settings.max_retries + 1):
+        for attempt in range(self.endpoint.max_retries + 1):
             replica = self._pick(avoid)
             status, text, headers = await self._attempt(replica, path, body)
             retry_after = None
@@ -181,18 +172,16 @@ class OpenAICompatClient:
                     self.usage.failures += 1
                     raise RequestFailedError(last_error)
                 retry_after = _retry_after(headers)
-            if attempt == self.settings.max_retries:
+            if attempt == self.endpoint.max_retries:
                 break
             self.usage.retries += 1
             avoid = replica if len(self._replicas) > 1 else None
             await asyncio.sleep(self._backoff(attempt, retry_after))
         self.usage.failures += 1
-        raise RequestFailedError(f"{last_error} (after {self.settings.max_retries} retries)")
+        raise RequestFailedError(f"{last_error} (after {self.endpoint.max_retries} retries)")
 
     def _backoff(self, attempt: int, retry_after: float | None) -> float:
-        cap = min(
-            self.settings.backoff_max_seconds, self.settings.backoff_base_seconds * (2**attempt)
-        )
+        cap = min(BACKOFF_MAX_SECONDS, BACKOFF_BASE_SECONDS * (2**attempt))
         delay = self._rng.uniform(0, cap)  # full jitter: retries from many items spread out
         return max(delay, retry_after or 0.0)
 
@@ -204,7 +193,7 @@ class OpenAICompatClient:
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> tuple[str, str]:
         """(content, finish_reason) of one chat completion."""
         payload = await self.post(
-            "/chat/completions", {"model": self.settings.model, "messages": messages, **params}
+            "/chat/completions", {"model": self.endpoint.model, "messages": messages, **params}
         )
         try:
             choice = payload["choices"][0]
@@ -214,7 +203,7 @@ class OpenAICompatClient:
 
     async def embed(self, body: dict[str, Any]) -> list[float]:
         """One embedding from /embeddings (body without the model name)."""
-        payload = await self.post("/embeddings", {"model": self.settings.model, **body})
+        payload = await self.post("/embeddings", {"model": self.endpoint.model, **body})
         try:
             return payload["data"][0]["embedding"]
         except (KeyError, IndexError, TypeError) as exc:

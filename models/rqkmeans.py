@@ -15,7 +15,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sidpipe.models.rqvae import kmeans
+from sidpipe.config import TokenizerConfig
+from sidpipe.models.quantizer import kmeans
 
 
 @dataclass
@@ -105,16 +106,15 @@ def _nearest(codebook: np.ndarray, v: np.ndarray, k: int = 1) -> np.ndarray:
 
 
 def fit_rqkmeans(
-    x: np.ndarray,
-    codebook_sizes: list[int],
-    iterations: int = 25,
-    seed: int = 42,
-    refine_rounds: int = 3,
+    x: np.ndarray, codebook_sizes: list[int], settings: TokenizerConfig, progress=None
 ) -> tuple[RQKMeans, dict]:
-    """Residual k-means, then `refine_rounds` of coordinate descent: each level's codebook is
-    re-estimated as the mean of what the *other* levels leave of its items, and every item is
-    re-encoded greedily. Greedy re-encoding can undo a round's gain, so the codebooks of the
-    round with the lowest reconstruction error are kept."""
+    """Residual k-means (`settings.kmeans_iterations`), then `settings.refine_rounds` of
+    coordinate descent: each level's codebook is re-estimated as the mean of what the *other*
+    levels leave of its items, and every item is re-encoded greedily. Greedy re-encoding can undo
+    a round's gain, so the codebooks of the round with the lowest reconstruction error are kept.
+    `progress` is accepted for the common tokenizer interface (there are no epochs)."""
+    iterations, seed = settings.kmeans_iterations, settings.seed
+    refine_rounds = settings.refine_rounds
     started = time.perf_counter()
     x = np.ascontiguousarray(x, np.float32)
     mean = x.mean(axis=0)

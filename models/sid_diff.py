@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import polars as pl
 import pyarrow as pa
 
+from sidpipe.errors import SidDiffError
 from sidpipe.models.sids import LEVEL_LETTERS
 
 REQUIRED_COLUMNS = ("item_id", "codes", "suffix", "sid", "tokenizer_id")
@@ -44,10 +45,6 @@ CHANGES_SCHEMA = pa.schema(
         ("first_changed_level", pa.int32()),
     ]
 )
-
-
-class SidDiffError(ValueError):
-    """A table cannot be compared (missing columns, duplicate item ids)."""
 
 
 @dataclass

@@ -12,10 +12,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sidpipe.config import TokenizerConfig
+from sidpipe.errors import CatalogTooSmallError, EmbeddingInputError
 from sidpipe.models.rqkmeans import RQKMeans, fit_rqkmeans
-from sidpipe.models.rqvae import RQVAE, RQVAEConfig, TrainConfig, fit_rqvae, load_rqvae, save_rqvae
+from sidpipe.models.rqvae import RQVAE, fit_rqvae
 
-METHODS = ("rqvae", "rqkmeans")
+# The one registry of tokenizer methods: how to fit one, and the class that loads it.
+METHODS = {"rqvae": (fit_rqvae, RQVAE), "rqkmeans": (fit_rqkmeans, RQKMeans)}
 # Part of every tokenizer id: bump when fitting changes, so new weights never share an old id.
 ALGORITHM_VERSION = 2
 HUGE_NORM_RATIO = 1e3  # a norm this many times the median is a broken vector, not an item
@@ -35,6 +38,8 @@ class Tokenizer(Protocol):
 
     def last_level_ranking(self, x: np.ndarray) -> np.ndarray: ...
 
+    def state(self) -> tuple[dict[str, np.ndarray], dict]: ...
+
 
 def reconstruction_cosine(tokenizer: Tokenizer, x: np.ndarray, codes: np.ndarray) -> float:
     """Mean cosine between items and their reconstruction from the codes they were given
@@ -43,10 +48,6 @@ def reconstruction_cosine(tokenizer: Tokenizer, x: np.ndarray, codes: np.ndarray
     num = (x_hat * x).sum(axis=1)
     den = np.linalg.norm(x_hat, axis=1) * np.linalg.norm(x, axis=1)
     return float(np.mean(num / np.maximum(den, 1e-12)))
-
-
-class EmbeddingInputError(ValueError):
-    """Embeddings that cannot be tokenized at all (e.g. rows of different dimensions)."""
 
 
 def stack_embeddings(vectors: list[Any], ids: list[str]) -> np.ndarray:
@@ -86,65 +87,65 @@ def screen_embeddings(ids: list[str], x: np.ndarray) -> tuple[list[int], list[tu
     return keep, rejects
 
 
+def size_codebooks(
+    n_items: int, requested: list[int], min_points_per_code: int, policy: str
+) -> tuple[list[int], str | None]:
+    """Codebook sizes the data can support, and a message when they differ from `requested`.
+
+    k-means needs about `min_points_per_code` items per code (faiss warns below 39); every level
+    clusters residuals of all items, so each level is capped at n_items // min_points_per_code.
+    """
+    cap = n_items // min_points_per_code
+    need = max(requested) * min_points_per_code
+    if all(k <= cap for k in requested):
+        return list(requested), None
+    wanted = "/".join(map(str, requested))
+    if policy == "refuse" or cap < 2:
+        hint = (
+            "use smaller tokenizer.codebook_sizes or tokenizer.small_catalog=shrink"
+            if cap >= 2
+            else f"at least {2 * min_points_per_code} items are needed for any tokenizer "
+            "(tokenizer.min_points_per_code x 2)"
+        )
+        raise CatalogTooSmallError(
+            f"{n_items:,} items cannot fill codebooks {wanted}: that needs >= {need:,} items "
+            f"({min_points_per_code} per code)",
+            hint,
+        )
+    sizes = [min(k, cap) for k in requested]
+    return sizes, (
+        f"{n_items:,} items cannot fill codebooks {wanted} (needs >= {need:,} items at "
+        f"{min_points_per_code} per code): shrinking to {'/'.join(map(str, sizes))}. "
+        "Set tokenizer.small_catalog=refuse to fail instead."
+    )
+
+
 def fit_tokenizer(
-    x: np.ndarray, method: str, codebook_sizes: list[int], settings: Any, progress=None
+    x: np.ndarray, codebook_sizes: list[int], settings: TokenizerConfig, progress=None
 ) -> tuple[Tokenizer, dict]:
-    """Fit a tokenizer of `method` on x [N, D]; `settings` is a TokenizerConfig."""
-    if method == "rqkmeans":
-        return fit_rqkmeans(
-            x, codebook_sizes, settings.kmeans_iterations, settings.seed, settings.refine_rounds
-        )
-    if method == "rqvae":
-        model, report = fit_rqvae(
-            x,
-            RQVAEConfig(
-                input_dim=x.shape[1],
-                codebook_sizes=codebook_sizes,
-                hidden_dims=list(settings.hidden_dims),
-                latent_dim=settings.latent_dim,
-                commitment_weight=settings.commitment_weight,
-                codebook_update=settings.codebook_update,
-                ema_decay=settings.ema_decay,
-            ),
-            TrainConfig(
-                epochs=settings.epochs,
-                batch_size=settings.batch_size,
-                learning_rate=settings.learning_rate,
-                kmeans_iterations=settings.kmeans_iterations,
-                seed=settings.seed,
-                validation_share=settings.validation_share,
-                patience=settings.patience,
-            ),
-            progress=progress,
-        )
-        return model, {"method": "rqvae", **report.to_dict()}
-    raise ValueError(f"unknown tokenizer method {method!r}; use one of {', '.join(METHODS)}")
+    """Fit a tokenizer of `settings.method` on x [N, D]: (tokenizer, fit report)."""
+    fit, _ = METHODS[settings.method]
+    return fit(x, codebook_sizes, settings, progress)
 
 
 def save_tokenizer(tokenizer: Tokenizer) -> tuple[bytes, dict]:
     """safetensors bytes and the JSON config (with its method) that rebuild the tokenizer."""
     from safetensors.numpy import save
 
-    if isinstance(tokenizer, RQVAE):
-        weights, config = save_rqvae(tokenizer)
-        return weights, {"method": "rqvae", **config}
     tensors, config = tokenizer.state()
-    return save({k: np.ascontiguousarray(v) for k, v in tensors.items()}), {
-        "method": tokenizer.method,
-        **config,
-    }
+    weights = save({k: np.ascontiguousarray(v) for k, v in tensors.items()})
+    return weights, {"method": tokenizer.method, **config}
 
 
 def load_tokenizer_state(weights: bytes, config: dict) -> Tokenizer:
+    """The tokenizer saved as (weights, config) by `save_tokenizer`, any version of it."""
+    from safetensors.numpy import load
+
     config = dict(config)
     method = config.pop("method", "rqvae")
-    if method == "rqvae":
-        return load_rqvae(weights, config)
-    if method == "rqkmeans":
-        from safetensors.numpy import load
-
-        return RQKMeans.from_state(load(weights), config)
-    raise ValueError(f"unknown tokenizer method {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"unknown tokenizer method {method!r}")
+    return METHODS[method][1].from_state(load(weights), config)
 
 
 def read_embeddings_parquet(data: bytes) -> tuple[list[str], list[Any]]:

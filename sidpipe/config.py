@@ -13,21 +13,19 @@ This module must never import Prefect, torch or any model code: everything impor
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
+    EnvSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
-    YamlConfigSettingsSource,
 )
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-# The bundled sample: 1,000 real fashion products (MIT, see data/fashion-sample/SOURCE.md).
-SAMPLE_CATALOG = REPO_ROOT / "data" / "fashion-sample" / "catalog.csv"
+from sidpipe.data import SAMPLE_CATALOG
+from sidpipe.errors import ConfigError
 
 
 class _Section(BaseModel):
@@ -38,7 +36,7 @@ class CatalogConfig(_Section):
     """Where the items come from and how their rows are read."""
 
     uri: str = Field(
-        default=str(SAMPLE_CATALOG),
+        default=SAMPLE_CATALOG,
         description="Catalog file: Parquet, JSONL or CSV; a local path or s3:// URI.",
     )
     name: str = Field(
@@ -108,9 +106,9 @@ class EmbedConfig(ModelEndpointConfig):
     """Embedding stage. Without a URL the CPU text embedder shipped in a PyPI package is used."""
 
     model: str = Field(
-        default="",
-        description="Served model with a URL (default Alibaba-NLP/gme-Qwen2-VL-2B-Instruct); "
-        "ignored without one (all-MiniLM-L6-v2).",
+        default="Alibaba-NLP/gme-Qwen2-VL-2B-Instruct",
+        description="Served model with a URL; without one the CPU embedder runs "
+        "(all-MiniLM-L6-v2) and this is ignored.",
     )
     batch_size: int = Field(default=128, ge=1)
     text_template_version: str = Field(
@@ -265,21 +263,8 @@ class PipelineConfig(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        # The YAML file (if any) sits below the environment: env overrides YAML.
-        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
-        if _yaml_path is not None:
-            sources.append(YamlConfigSettingsSource(settings_cls, yaml_file=_yaml_path))
-        return tuple(sources)
-
-
-# Set only for the duration of `load_config` (under the lock); pydantic-settings reads its
-# sources at construction time.
-_yaml_path: Path | None = None
-_yaml_lock = threading.Lock()
-
-
-class ConfigError(ValueError):
-    """A configuration file or value that cannot be used."""
+        # Keyword arguments, then SIDPIPE_* variables; `load_config` puts a YAML file below both.
+        return init_settings, env_settings
 
 
 def resolve_config(config: PipelineConfig) -> PipelineConfig:
@@ -297,6 +282,7 @@ def resolve_config(config: PipelineConfig) -> PipelineConfig:
 
 
 def deep_merge(a: dict, b: dict) -> dict:
+    """`b` over `a`, section by section (nested dicts merge, anything else is replaced)."""
     merged = dict(a)
     for key, value in b.items():
         if isinstance(value, dict) and isinstance(merged.get(key), dict):
@@ -306,194 +292,48 @@ def deep_merge(a: dict, b: dict) -> dict:
     return merged
 
 
-def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
-    """Build the config from defaults < YAML file < SIDPIPE_* env < keyword overrides."""
-    global _yaml_path
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-    with _yaml_lock:
-        _yaml_path = path
-        try:
-            return PipelineConfig(**{k: v for k, v in overrides.items() if v is not None})
-        except ValueError as exc:  # pydantic ValidationError is a ValueError
-            where = f" in {path}" if path else ""
-            raise ConfigError(f"invalid sidpipe config{where}:\n{exc}") from exc
-        finally:
-            _yaml_path = None
-
-
-# -- training flows ------------------------------------------------------------------------------
-BEAUTY_DIR = REPO_ROOT / "data" / "amazon-beauty-2014"
-
-
-class GenRecTrainConfig(BaseModel):
-    """One training run of the generative recommender (or the SASRec baseline) on published SIDs.
-
-    Presets: `TRAIN_PRESETS` (`sidpipe train genrec --config cpu-small`); any field can be
-    overridden. Reads only what the tokenization flow published plus the interactions."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = "custom"
-    store: str = Field(default="./artifacts", description="Store with the published SIDs.")
-    catalog: str = Field(default="beauty", description="Catalog whose published SIDs to use.")
-    run_date: str | None = Field(
-        default=None, description="Published run (YYYY-MM-DD); none: the latest."
-    )
-    interactions: str = Field(
-        default=str(BEAUTY_DIR / "interactions.parquet"),
-        description="Parquet with user_id, item_id, timestamp (local or s3://).",
-    )
-    model: Literal["tiger", "sasrec"] = "tiger"
-    tasks: list[str] = Field(
-        default=["next_sid"],
-        description="Generation tasks sampled uniformly (models.genrec.TASKS); 'all' = every "
-        "task the published artifacts can feed.",
-    )
-    max_history: int = Field(default=20, ge=1)
-    users_limit: int | None = Field(default=None, ge=1, description="Use the first N users.")
-    # model size (TIGER's defaults; SASRec uses d_model, heads, encoder_layers, dropout)
-    d_model: int = 128
-    heads: int = 6
-    head_dim: int = 64
-    encoder_layers: int = 4
-    decoder_layers: int = 4
-    feedforward: int = 1024
-    dropout: float = Field(default=0.1, ge=0, lt=1)
-    # optimisation
-    batch_size: int = 256
-    learning_rate: float = 1e-3
-    weight_decay: float = 0.035
-    warmup_steps: int = 500
-    lr_schedule: Literal["cosine", "cosine-budget", "constant"] = Field(
-        default="cosine",
-        description=(
-            "After warm-up: cosine decay to 10% over all epochs; cosine-budget, the same decay"
-            " over the time limit's clock; or constant, as the SASRec paper trains."
-        ),
-    )
-    epochs: int = 100
-    eval_every: int = Field(default=5, ge=1, description="Epochs between validations.")
-    patience: int = Field(default=4, ge=1, description="Validations without improvement.")
-    valid_users: int | None = Field(
-        default=None, ge=1, description="Validate on this many users (all: None)."
-    )
-    time_limit_minutes: float | None = Field(
-        default=None,
-        gt=0,
-        description=(
-            "Wall-clock budget: training stops (validating there) when another epoch would not"
-            " fit; with lr_schedule cosine-budget the learning rate decays with the clock."
-        ),
-    )
-    # decoding and evaluation
-    beams: int = Field(default=20, ge=10, description="Beam width (>= the largest K, 10).")
-    eval_batch_size: int = 128
-    invalid_users: int = Field(
-        default=2000, ge=1, description="Users decoded without the trie to measure invalid SIDs."
-    )
-    exact_check_users: int = Field(
-        default=16, ge=0, description="Users whose beam results are checked against exact scores."
-    )
-    text_max_tokens: int = 24
-    history_titles: int = 5
-    seed: int = 42
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
-
-
-TRAIN_PRESETS: dict[str, dict] = {
-    # CI: a slice of Beauty, a small model, minutes on 2 CPU cores.
-    "cpu-small": {
-        "users_limit": 1500,
-        "d_model": 64,
-        "heads": 4,
-        "head_dim": 16,
-        "encoder_layers": 2,
-        "decoder_layers": 2,
-        "feedforward": 256,
-        "batch_size": 128,
-        "epochs": 6,
-        "eval_every": 3,
-        "warmup_steps": 50,
-        "invalid_users": 200,
-        "exact_check_users": 8,
-    },
-    # Beauty on CPU: TIGER's full model costs 4.8 s a step on 2 cores (41 min an epoch), so a
-    # smaller one (420k parameters, ~5 min an epoch there); validation on 2,000 users.
-    "beauty-cpu": {
-        "d_model": 64,
-        "heads": 4,
-        "head_dim": 16,
-        "encoder_layers": 2,
-        "decoder_layers": 2,
-        "feedforward": 256,
-        "learning_rate": 2e-3,
-        "epochs": 60,
-        "eval_every": 3,
-        "valid_users": 2000,
-        "patience": 3,
-    },
-    # Beauty on a GPU (bf16 autocast): TIGER's model, full validation.
-    "beauty": {"epochs": 200, "eval_every": 5, "batch_size": 256, "device": "cuda"},
-    # TriAlignGR's multitask training over every task the artifacts can feed.
-    "beauty-multitask": {"tasks": ["all"], "epochs": 200, "eval_every": 5, "device": "cuda"},
-    # The SASRec baseline (CE loss) in the same harness.
-    "sasrec-beauty": {
-        "model": "sasrec",
-        "lr_schedule": "constant",
-        "d_model": 64,
-        "heads": 2,
-        "encoder_layers": 2,
-        "dropout": 0.3,
-        "batch_size": 256,
-        "learning_rate": 1e-3,
-        "weight_decay": 0.0,
-        "epochs": 200,
-        "eval_every": 5,
-        "patience": 5,
-    },
-}
-
-# TriAlignGR's multitask mode with beauty-cpu's model: an epoch holds one batch of every task
-# for each next-SID batch (5 tasks on Beauty without captions: 5x beauty-cpu's steps, measured
-# 11x its time on one CPU thread), so it validates every epoch.
-TRAIN_PRESETS["beauty-multitask-cpu"] = TRAIN_PRESETS["beauty-cpu"] | {
-    "tasks": ["all"],
-    "epochs": 12,
-    "eval_every": 1,
-}
-
-
-def train_config(name_or_path: str, **overrides: Any) -> GenRecTrainConfig:
-    """A preset by name, or a YAML file, with overrides (None values are ignored).
-
-    A YAML file may start from a preset with `base: <preset>` and change only some fields.
-    """
+def read_yaml(path: str | Path) -> dict:
+    """A YAML config file as a mapping; a missing file or another shape is a ConfigError."""
     import yaml
 
-    if name_or_path in TRAIN_PRESETS:
-        values = {"name": name_or_path, **TRAIN_PRESETS[name_or_path]}
-    elif Path(name_or_path).is_file():
-        values = yaml.safe_load(Path(name_or_path).read_text()) or {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{name_or_path}: a training config is a YAML mapping")
-        base = values.pop("base", None)
-        if base is not None:
-            if base not in TRAIN_PRESETS:
-                raise ConfigError(
-                    f"{name_or_path}: unknown base preset {base!r} ({', '.join(TRAIN_PRESETS)})"
-                )
-            values = TRAIN_PRESETS[base] | values
-        values.setdefault("name", Path(name_or_path).stem)
-    else:
-        raise ConfigError(
-            f"unknown training config {name_or_path!r}: a preset "
-            f"({', '.join(TRAIN_PRESETS)}) or a YAML file"
-        )
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
     try:
-        return GenRecTrainConfig(**(values | {k: v for k, v in overrides.items() if v is not None}))
-    except ValueError as exc:
-        raise ConfigError(f"invalid training config {name_or_path!r}:\n{exc}") from exc
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: a config file is a YAML mapping of settings")
+    return values
+
+
+def invalid(exc: ValueError, where: str) -> ConfigError:
+    """A pydantic validation error as one ConfigError: each problem as `field: what is wrong`."""
+    errors = getattr(exc, "errors", None)
+    if errors is None:
+        return ConfigError(f"invalid {where}: {exc}")
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in errors()
+    )
+    return ConfigError(f"invalid {where}: {problems}")
+
+
+def chosen_settings(path: str | Path | None = None, **overrides: Any) -> dict:
+    """What a caller chose (the YAML file, then options), without this machine's SIDPIPE_*
+    environment: settings to send to runs on workers, which take the rest from theirs."""
+    chosen = {k: v for k, v in overrides.items() if v is not None}
+    return deep_merge(read_yaml(path) if path is not None else {}, chosen)
+
+
+def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
+    """Build the config from defaults < YAML file < SIDPIPE_* env < keyword overrides."""
+    try:
+        env = EnvSettingsSource(PipelineConfig)()
+        layers = deep_merge(read_yaml(path) if path is not None else {}, env)
+        chosen = {k: v for k, v in overrides.items() if v is not None}
+        return PipelineConfig(**deep_merge(layers, chosen))
+    except ConfigError:
+        raise
+    except ValueError as exc:  # pydantic's ValidationError and the env source's own errors
+        raise invalid(exc, f"sidpipe config{f' in {path}' if path else ''}") from None

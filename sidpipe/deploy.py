@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from sidpipe.errors import BootstrapError, ConfigError
+
 CPU_POOL = "cpu-pool"
 GPU_POOL = "gpu-pool"
 POOL_TYPE = "process"
@@ -40,10 +42,6 @@ DEFAULT_RESULTS_URI = "s3://sidpipe/prefect-results"
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # the repo root, where prefect.yaml lives
 
 POOLS: dict[str, int | None] = {CPU_POOL: None, GPU_POOL: GPU_POOL_CONCURRENCY}
-
-
-class BootstrapError(RuntimeError):
-    """The Prefect server cannot be bootstrapped as asked (no API, a clash with what exists)."""
 
 
 def results_settings(results_uri: str, endpoint_url: str | None) -> dict[str, Any]:
@@ -67,6 +65,30 @@ def bootstrap(
     `endpoint_url` defaults to AWS_ENDPOINT_URL. Returns the object names (`work-pool/cpu-pool`,
     `concurrency-limit/sidpipe-embed`, `block/remote-file-system/sidpipe-results`) grouped as
     `created`, `updated` and `present` (already as asked)."""
+    import httpx
+    from prefect.settings import PREFECT_API_URL
+
+    if not PREFECT_API_URL.value():
+        # Without it Prefect would start a throw-away ephemeral server and bootstrap that.
+        raise ConfigError(
+            "PREFECT_API_URL is not set: point it at the Prefect server to bootstrap",
+            hint="e.g. export PREFECT_API_URL=http://localhost:4200/api",
+        )
+    sizes = {name: limit for name in CONCURRENCY_LIMITS} | dict(limits or {})
+    if unknown := set(sizes) - set(CONCURRENCY_LIMITS):
+        raise ConfigError(f"unknown concurrency limits {sorted(unknown)}")
+    if bad := [name for name, size in sizes.items() if size < 1]:
+        raise ConfigError(f"concurrency limits must be at least 1: {bad}")
+    if endpoint_url is None:
+        endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or None
+
+    try:
+        return _bootstrap(sizes, results_uri, endpoint_url)
+    except httpx.HTTPError as exc:  # an unreachable or failing API: one line, not a traceback
+        raise BootstrapError(f"Prefect API: {type(exc).__name__}: {exc}") from None
+
+
+def _bootstrap(sizes: dict[str, int], results_uri: str, endpoint_url: str | None) -> dict:
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import (
         GlobalConcurrencyLimitCreate,
@@ -76,22 +98,7 @@ def bootstrap(
     )
     from prefect.exceptions import ObjectNotFound
     from prefect.filesystems import RemoteFileSystem
-    from prefect.settings import PREFECT_API_URL
     from prefect.workers.process import ProcessWorker
-
-    if not PREFECT_API_URL.value():
-        # Without it Prefect would start a throw-away ephemeral server and bootstrap that.
-        raise BootstrapError(
-            "PREFECT_API_URL is not set: point it at the Prefect server to bootstrap "
-            "(e.g. http://localhost:4200/api)"
-        )
-    sizes = {name: limit for name in CONCURRENCY_LIMITS} | dict(limits or {})
-    if unknown := set(sizes) - set(CONCURRENCY_LIMITS):
-        raise BootstrapError(f"unknown concurrency limits {sorted(unknown)}")
-    if bad := [name for name, size in sizes.items() if size < 1]:
-        raise BootstrapError(f"concurrency limits must be at least 1: {bad}")
-    if endpoint_url is None:
-        endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or None
 
     summary: dict[str, list[str]] = {"created": [], "updated": [], "present": []}
     with get_client(sync_client=True) as client:

@@ -13,14 +13,14 @@ a key means; stages do.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from sidpipe.storage.hashing import hash_strings, stable_hash
+from sidpipe.storage.layout import INPUT_HASH, cache_dir
 from sidpipe.storage.store import ArtifactStore, concat_tables
-
-INPUT_HASH = "input_hash"
 
 
 def stage_key(stage: str, params: dict) -> str:
@@ -36,7 +36,7 @@ class StageCache:
         self.stage = stage
         self.key = key
         self.params = params
-        self.prefix = ("cache", stage, key)
+        self.prefix = cache_dir(stage, key)
 
     def _parts(self) -> list[str]:
         return [
@@ -67,6 +67,19 @@ class StageCache:
             keep.append(value not in seen)
             seen.add(value)
         return table.filter(pa.array(keep))
+
+    def pending(
+        self, input_hashes: list[str], payloads: list[Any]
+    ) -> tuple[pa.Table | None, dict[str, Any]]:
+        """What is cached and what is left to compute for these inputs: (the cached rows, input
+        hash -> payload of every input not cached yet, each hash once)."""
+        cached = self.lookup(input_hashes)
+        have = set(cached[INPUT_HASH].to_pylist()) if cached is not None else set()
+        todo: dict[str, Any] = {}
+        for h, payload in zip(input_hashes, payloads, strict=True):
+            if h not in have:
+                todo.setdefault(h, payload)
+        return cached, todo
 
     def put(self, table: pa.Table) -> str | None:
         """Store new rows (must have an `input_hash` column); returns the part's path."""

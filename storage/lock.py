@@ -25,9 +25,10 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sidpipe.storage.store import ArtifactStore, StoreError
+from sidpipe.errors import LockHeldError, LockLostError, StoreError
+from sidpipe.storage.layout import LOCKS_DIR
+from sidpipe.storage.store import ArtifactStore
 
-LOCKS_DIR = "locks"
 log = logging.getLogger(__name__)
 
 
@@ -36,25 +37,14 @@ def catalog_lock_name(catalog: str) -> str:
     return f"catalog-{catalog}"
 
 
-class LockHeldError(RuntimeError):
-    """Another run holds the lock."""
-
-    def __init__(self, name: str, holder: dict[str, Any] | None, store_uri: str):
-        who = (
-            f"run {holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) "
-            f"since {holder.get('acquired_at')}"
-            if holder
-            else "another run"
-        )
-        super().__init__(
-            f"{name} in {store_uri} is locked by {who}; wait for it to finish (or set "
-            "orchestration.lock_wait_seconds), a killed run's lock lapses by itself"
-        )
-        self.holder = holder
-
-
-class LockLostError(RuntimeError):
-    """This run no longer holds its lock (its lease lapsed and another run took it over)."""
+def _held_message(name: str, holder: dict[str, Any] | None, store_uri: str) -> str:
+    who = (
+        f"run {holder.get('run_id')} on {holder.get('host')} (pid {holder.get('pid')}) "
+        f"since {holder.get('acquired_at')}"
+        if holder
+        else "another run"
+    )
+    return f"{name} in {store_uri} is locked by {who}; a killed run's lock lapses by itself"
 
 
 def _now() -> datetime:
@@ -104,7 +94,9 @@ class StoreLock:
             if self._impl.try_acquire():
                 return self
             if time.monotonic() >= deadline:
-                raise LockHeldError(self.name, self._impl.current_holder(), self.store.root_uri)
+                raise LockHeldError(
+                    _held_message(self.name, self._impl.current_holder(), self.store.root_uri)
+                )
             time.sleep(self.poll)
 
     def release(self) -> None:

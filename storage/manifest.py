@@ -1,6 +1,6 @@
 """Run manifests, atomic publish and the run log.
 
-Layout (DESIGN.md):
+Layout (all paths: `storage.layout`):
     <root>/runs/<run_id>/                    staging of a run's files + _RUN.json (the run log)
     <root>/catalogs/<catalog>/<run_date>/    items.parquet, quarantine.parquet
     <root>/sids/<catalog>/<run_date>/        sids.parquet, quality.json, errors.parquet,
@@ -21,10 +21,9 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from sidpipe.storage.hashing import sha256_bytes
+from sidpipe.storage.layout import MANIFEST_NAME, RUN_RECORD_NAME, sids_dir, staging_dir
 from sidpipe.storage.store import ArtifactStore
 
-MANIFEST_NAME = "_MANIFEST.json"
-RUN_RECORD_NAME = "_RUN.json"
 SCHEMA_VERSION = 1
 
 
@@ -103,18 +102,6 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
-def sids_dir(catalog: str, run_date: date) -> tuple[str, ...]:
-    return ("sids", catalog, run_date.isoformat())
-
-
-def catalog_dir(catalog: str, run_date: date) -> tuple[str, ...]:
-    return ("catalogs", catalog, run_date.isoformat())
-
-
-def staging_dir(run_id: str) -> tuple[str, ...]:
-    return ("runs", run_id)
-
-
 def write_run_record(store: ArtifactStore, record: RunRecord) -> None:
     store.write_json(record.model_dump(mode="json"), *staging_dir(record.run_id), RUN_RECORD_NAME)
 
@@ -186,24 +173,6 @@ def publish(
 
 
 def read_manifest(store: ArtifactStore, catalog: str, run_date: date | str) -> Manifest:
-    day = run_date if isinstance(run_date, str) else run_date.isoformat()
-    return Manifest.model_validate(store.read_json("sids", catalog, day, MANIFEST_NAME))
-
-
-def published_runs(store: ArtifactStore, catalog: str | None = None) -> list[Manifest]:
-    """Every published run (those with a manifest), oldest run_date first."""
-    pattern = f"sids/{catalog or '*'}/*/{MANIFEST_NAME}"
-    manifests = [
-        Manifest.model_validate(store.read_json(store.relative(p))) for p in store.glob(pattern)
-    ]
-    return sorted(manifests, key=lambda m: (m.catalog, m.run_date))
-
-
-def latest_published(
-    store: ArtifactStore, catalog: str, not_after: date | None = None
-) -> Manifest | None:
-    """The newest published run of a catalog (with run_date <= `not_after`, if given)."""
-    runs = [
-        m for m in published_runs(store, catalog) if not_after is None or m.run_date <= not_after
-    ]
-    return runs[-1] if runs else None
+    """A run's manifest (FileNotFoundError: not published). `storage.published` resolves runs
+    for readers, with what is missing when there is none."""
+    return Manifest.model_validate(store.read_json(*sids_dir(catalog, run_date), MANIFEST_NAME))

@@ -11,6 +11,8 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
+from sidpipe.errors import TokenizerNotFound
+from sidpipe.storage.layout import registry_path
 from sidpipe.storage.store import ArtifactStore
 
 
@@ -34,18 +36,14 @@ class Registry(BaseModel):
         return next((v for v in self.versions if v.tokenizer_id == tokenizer_id), None)
 
 
-def _path(catalog: str) -> tuple[str, ...]:
-    return ("tokenizers", "_registry", f"{catalog}.json")
-
-
 def read_registry(store: ArtifactStore, catalog: str) -> Registry:
-    if not store.exists(*_path(catalog)):
+    if not store.exists(*registry_path(catalog)):
         return Registry(catalog=catalog)
-    return Registry.model_validate(store.read_json(*_path(catalog)))
+    return Registry.model_validate(store.read_json(*registry_path(catalog)))
 
 
 def write_registry(store: ArtifactStore, registry: Registry) -> None:
-    store.write_json(registry.model_dump(mode="json"), *_path(registry.catalog))
+    store.write_json(registry.model_dump(mode="json"), *registry_path(registry.catalog))
 
 
 def register(store: ArtifactStore, catalog: str, version: TokenizerVersion, pin: bool) -> Registry:
@@ -62,7 +60,9 @@ def pin(store: ArtifactStore, catalog: str, tokenizer_id: str) -> Registry:
     registry = read_registry(store, catalog)
     if registry.version(tokenizer_id) is None:
         known = ", ".join(v.tokenizer_id for v in registry.versions) or "none"
-        raise KeyError(f"catalog {catalog!r} has no tokenizer {tokenizer_id!r} (versions: {known})")
+        raise TokenizerNotFound(
+            f"catalog {catalog!r} has no tokenizer {tokenizer_id!r} (versions: {known})"
+        )
     registry.pinned = tokenizer_id
     write_registry(store, registry)
     return registry

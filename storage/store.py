@@ -23,9 +23,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-
-class StoreError(RuntimeError):
-    """The artifact store could not be read or written."""
+from sidpipe.errors import StoreError
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:

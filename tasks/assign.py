@@ -1,24 +1,14 @@
-"""assign: give every item its SID, keeping every SID that already exists.
+"""assign: give every item its SID with the fit's tokenizer, keeping every SID that exists.
 
-Rules, against the catalog's last published SID table:
-- an item with the same tokenizer and the same content (`item_hash`) keeps its row exactly:
-  codes, suffix and `first_assigned` are copied, never re-derived;
-- a new or changed item is encoded with the tokenizer; it keeps its old suffix and date if its
-  codes came out unchanged, otherwise it takes the smallest free suffix of its code tuple;
-- with `collisions: reassign`, a new item that would collide first moves to the nearest last-level
-  code whose tuple is still free (capacity 1), and gets a suffix only if none is;
-- after a refit (another tokenizer than the previous table's) every item is encoded afresh, and a
-  drift report says which share of items changed SID, per level.
-The quality report describes the table before and after collision handling.
+Encodes the run's embeddings and builds the SID table against the catalog's last published one
+(`models.sid_table`: unchanged items keep their rows, collisions get a suffix or a free code,
+a refit gets a drift report); writes the table, its quality report and picture, and the token
+vocabulary into the run's staging folder for `publish`.
 """
 
 from __future__ import annotations
 
-import itertools
 import time
-from collections import defaultdict
-from collections.abc import Callable
-from datetime import date
 
 import numpy as np
 import pyarrow as pa
@@ -26,195 +16,24 @@ from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
-from sidpipe.models.sids import (
-    codebook_tokens,
-    quality_markdown,
-    sid_quality,
-    sid_string,
-    suffix_tokens,
-)
-from sidpipe.models.tokenizer import reconstruction_cosine
-from sidpipe.storage.manifest import StageStats, latest_published, staging_dir
+from sidpipe.models.sid_table import assign_sids, drift_report, table_quality
+from sidpipe.models.sids import codebook_tokens, quality_markdown, suffix_tokens
+from sidpipe.storage.layout import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_FILE, staging_dir
+from sidpipe.storage.manifest import StageStats
+from sidpipe.storage.published import latest_published, read_published_table
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.embed import load_embeddings
-from sidpipe.tasks.fit import FitOutcome, load_tokenizer
+from sidpipe.tasks.fitting import load_tokenizer
 from sidpipe.tasks.report import quality_png
-from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, failed_items, read_items
-
-SIDS_FILE = "sids.parquet"
-QUALITY_FILE = "quality.json"
-QUALITY_PNG = "quality.png"
-TOKENS_FILE = "tokens.txt"
-
-SID_SCHEMA = pa.schema(
-    [
-        ("item_id", pa.string()),
-        ("codes", pa.list_(pa.int32())),
-        ("suffix", pa.int32()),
-        ("sid", pa.string()),
-        ("tokenizer_id", pa.string()),
-        ("first_assigned", pa.date32()),
-        ("item_hash", pa.string()),
-    ]
+from sidpipe.tasks.stage import (
+    TASK_OPTIONS,
+    AssignOutcome,
+    FitOutcome,
+    RunInfo,
+    StageOutcome,
+    failed_items,
+    read_items,
+    stage_matrix,
 )
-
-
-def assign_sids(
-    item_ids: list[str],
-    codes: np.ndarray,
-    tokenizer_id: str,
-    run_date: date,
-    item_hashes: list[str] | None = None,
-    previous: pa.Table | None = None,
-    last_level_ranking: Callable[[list[int]], np.ndarray] | None = None,
-) -> tuple[pa.Table, dict]:
-    """The SID table for items with code tuples [N, L], and collision stats.
-
-    `previous` is the last published table; `last_level_ranking(rows)` (reassign mode) returns,
-    for those rows, their last-level codes from nearest to farthest.
-    """
-    hashes = item_hashes or [None] * len(item_ids)
-    prev: dict[str, dict] = {}
-    if previous is not None:
-        for row in previous.to_pylist():
-            if row["tokenizer_id"] == tokenizer_id:
-                prev[row["item_id"]] = row
-
-    codes = np.array(codes, dtype=np.int32, copy=True)
-    kept_exactly = np.zeros(len(item_ids), dtype=bool)
-    for i, item_id in enumerate(item_ids):
-        old = prev.get(item_id)
-        if old is not None and hashes[i] is not None and old["item_hash"] == hashes[i]:
-            codes[i] = old["codes"]  # unchanged item: its SID is copied, not re-derived
-            kept_exactly[i] = True
-    raw_codes = codes.copy()
-
-    suffix = np.zeros(len(item_ids), dtype=np.int32)
-    first = [run_date] * len(item_ids)
-    taken: dict[tuple[int, ...], set[int]] = defaultdict(set)
-    newcomers: list[int] = []
-    for i, item_id in enumerate(item_ids):
-        old = prev.get(item_id)
-        t = tuple(codes[i].tolist())
-        if old is not None and tuple(old["codes"]) == t and old["suffix"] not in taken[t]:
-            suffix[i], first[i] = old["suffix"], old["first_assigned"]
-            taken[t].add(old["suffix"])
-        else:
-            newcomers.append(i)
-    newcomers.sort(key=lambda j: item_ids[j])
-
-    reassigned = 0
-    if last_level_ranking is not None and newcomers:
-        # Capacity 1 per tuple: a newcomer whose tuple is occupied moves to the nearest free
-        # last-level code under the same prefix.
-        occupied = {t for t, s in taken.items() if s}
-        crowded = []
-        for i in newcomers:
-            t = tuple(codes[i].tolist())
-            if t in occupied:
-                crowded.append(i)
-            else:
-                occupied.add(t)
-        if crowded:
-            ranking = last_level_ranking(crowded)
-            for row, i in enumerate(crowded):
-                prefix = tuple(codes[i, :-1].tolist())
-                for code in ranking[row]:
-                    if prefix + (int(code),) not in occupied:
-                        codes[i, -1] = int(code)
-                        occupied.add(prefix + (int(code),))
-                        reassigned += 1
-                        break
-    for i in newcomers:
-        t = tuple(codes[i].tolist())
-        free = next(s for s in itertools.count() if s not in taken[t])
-        suffix[i] = free
-        taken[t].add(free)
-
-    table = pa.table(
-        {
-            "item_id": pa.array(item_ids, pa.string()),
-            "codes": pa.array(codes.tolist(), pa.list_(pa.int32())),
-            "suffix": pa.array(suffix, pa.int32()),
-            "sid": pa.array(
-                [sid_string(c, int(s)) for c, s in zip(codes.tolist(), suffix, strict=True)],
-                pa.string(),
-            ),
-            "tokenizer_id": pa.array([tokenizer_id] * len(item_ids), pa.string()),
-            "first_assigned": pa.array(first, pa.date32()),
-            "item_hash": pa.array(hashes, pa.string()),
-        },
-        schema=SID_SCHEMA,
-    )
-    return table, {
-        "raw_codes": raw_codes,
-        "kept_exactly": int(kept_exactly.sum()),
-        "encoded": int((~kept_exactly).sum()),
-        "reassigned": reassigned,
-    }
-
-
-def drift_report(previous: pa.Table, current: pa.Table) -> dict:
-    """Share of items (present in both tables) whose SID changed, overall and per level."""
-    old = {r["item_id"]: r for r in previous.select(["item_id", "codes", "sid"]).to_pylist()}
-    rows = [
-        (old[r["item_id"]], r)
-        for r in current.select(["item_id", "codes", "sid"]).to_pylist()
-        if r["item_id"] in old
-    ]
-    n = len(rows)
-    levels = max((len(r["codes"]) for _, r in rows), default=0)
-    per_level = [
-        sum(
-            1 for o, r in rows if level >= len(o["codes"]) or o["codes"][level] != r["codes"][level]
-        )
-        / n
-        if n
-        else 0.0
-        for level in range(levels)
-    ]
-    return {
-        "from_tokenizer": previous["tokenizer_id"][0].as_py() if previous.num_rows else None,
-        "to_tokenizer": current["tokenizer_id"][0].as_py() if current.num_rows else None,
-        "items_compared": n,
-        "sid_changed": sum(1 for o, r in rows if o["sid"] != r["sid"]) / n if n else 0.0,
-        "code_changed_per_level": per_level,
-    }
-
-
-def table_quality(
-    table: pa.Table, stats: dict, tokenizer, x: np.ndarray, codebook_sizes: list[int], mode: str
-) -> tuple[np.ndarray, dict]:
-    """The final code matrix and the quality report of a SID table, with the collision picture
-    before (the tokenizer's raw codes) and after (the codes items were given)."""
-    final_codes = np.asarray(table["codes"].to_pylist(), dtype=np.int32).reshape(
-        table.num_rows, len(codebook_sizes)
-    )
-    quality = sid_quality(final_codes, codebook_sizes)
-    before = sid_quality(stats["raw_codes"], codebook_sizes)
-    suffixes = table["suffix"].to_numpy()
-    quality |= {
-        "codebook_sizes": codebook_sizes,
-        "collisions": {
-            "mode": mode,
-            "before": {
-                k: before[k]
-                for k in ("distinct_tuple_rate", "unique_item_rate", "max_bucket", "bucket_gini")
-            },
-            "reassigned": stats["reassigned"],
-        },
-        "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
-        "items_with_suffix": int((suffixes > 0).sum()),
-        "reconstruction_cosine_by_depth": tokenizer.reconstruction_cosine_by_depth(x),
-        # Of the codes items were actually given (after any reassignment):
-        "reconstruction_cosine": reconstruction_cosine(tokenizer, x, final_codes),
-    }
-    return final_codes, quality
-
-
-class AssignOutcome(StageOutcome):
-    assigned: int = 0
-    quality: dict = {}
 
 
 def assign_stage(
@@ -227,7 +46,7 @@ def assign_stage(
 ) -> AssignOutcome:
     started = time.perf_counter()
     config = config or TokenizerConfig()
-    item_ids, _, x = load_embeddings(store, run, embed)
+    item_ids, _, x = stage_matrix(store, run, embed, "embedding")
     rejected = failed_items(store, run, [fit])
     if rejected:
         keep = [i for i, item_id in enumerate(item_ids) if item_id not in rejected]
@@ -237,7 +56,7 @@ def assign_stage(
     previous_run = latest_published(store, run.catalog, not_after=run.run_date)
     previous = None
     if previous_run is not None and "sids" in previous_run.files:
-        previous = store.read_parquet(previous_run.files["sids"].path)
+        previous = read_published_table(store, previous_run, "sids")
     hashes = dict(zip(items["item_id"].to_pylist(), items["item_hash"].to_pylist(), strict=True))
     ranking = None
     if config.collisions == "reassign":
@@ -300,9 +119,12 @@ def assign_stage(
 
 @task(name="assign", **TASK_OPTIONS)
 def assign_task(
-    config: PipelineConfig, run: RunInfo, embed: StageOutcome, fit: FitOutcome
+    store: ArtifactStore,
+    config: PipelineConfig,
+    run: RunInfo,
+    embed: StageOutcome,
+    fit: FitOutcome,
 ) -> AssignOutcome:
-    store = ArtifactStore(config.store)
     outcome = assign_stage(store, run, read_items(store, run), embed, fit, config.tokenizer)
     create_markdown_artifact(
         quality_markdown(outcome.quality), key="sid-quality", description="SID quality of this run"

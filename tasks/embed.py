@@ -11,33 +11,29 @@ import logging
 import time
 from collections.abc import Callable
 
-import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
 
 from sidpipe.config import EmbedConfig, PipelineConfig
 from sidpipe.models.embedders import (
-    GME_DEFAULT_MODEL,
     Embedder,
     EmbedInput,
     GMEServerEmbedder,
     SentenceTransformerEmbedder,
 )
+from sidpipe.models.item_text import item_text
 from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.enrich import endpoint_settings
-from sidpipe.tasks.ingest import IngestOutcome, attribute_text
+from sidpipe.tasks.shards import run_shard, shard_limit
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
+    IngestOutcome,
     RunInfo,
     StageOutcome,
     failed_items,
     progress_artifact,
-    read_index,
-    run_shard,
-    shard_limit,
     stage_values,
     write_errors,
     write_index,
@@ -49,36 +45,11 @@ CHUNK_ITEMS = 8192  # items embedded (and cached) per chunk: bounds memory and l
 TEXT_TEMPLATE_VERSION = "v1"
 
 
-def item_text(
-    item: dict,
-    attributes: list[str],
-    caption: str | None = None,
-    interests: list[str] | None = None,
-) -> str:
-    """The item's enriched text: title, description, caption, interests, then attributes."""
-    parts = [item.get("title"), item.get("description")]
-    if caption:
-        parts.append(f"Image: {caption}")
-    if interests:
-        parts.append("Interests: " + ", ".join(interests))
-    attrs = attribute_text(item, attributes)
-    if attrs:
-        parts.append(attrs)
-    return ". ".join(p for p in parts if p)
-
-
 def make_embedder(config: EmbedConfig, allow_http_images: bool = False) -> Embedder:
     """The embedding backend for a config: GME over vLLM with a URL, else the CPU embedder."""
     if not config.urls:
         return SentenceTransformerEmbedder(batch_size=config.batch_size)
-    return GMEServerEmbedder(
-        endpoint_settings(config, default_model=GME_DEFAULT_MODEL),
-        instruction=config.instruction,
-        revision=config.revision,
-        max_pixels=config.max_pixels,
-        max_image_bytes=config.max_image_bytes,
-        allow_http_images=allow_http_images,
-    )
+    return GMEServerEmbedder(config, allow_http_images)
 
 
 def embed_stage(
@@ -130,13 +101,8 @@ def embed_stage(
         hashes.append(stable_hash(key_fields))
         inputs.append(inp)
 
-    cached = cache.lookup(hashes)
-    have = set(cached["input_hash"].to_pylist()) if cached is not None else set()
-    todo: dict[str, EmbedInput] = {}
-    for h, inp in zip(hashes, inputs, strict=True):
-        if h not in have:
-            todo.setdefault(h, inp)
-    n_computed = sum(1 for h in hashes if h not in have)
+    cached, todo = cache.pending(hashes, inputs)
+    n_computed = sum(1 for h in hashes if h in todo)
     log.info(
         "embed: %d items, %d cached, %d to compute with %s",
         len(ids),
@@ -201,28 +167,9 @@ def embed_stage(
     )
 
 
-def load_embeddings(
-    store: ArtifactStore, run: RunInfo, outcome: StageOutcome
-) -> tuple[list[str], list[str], np.ndarray]:
-    """(item_ids, input hashes, embeddings [N, D]) of the run's embedded items, by item_id."""
-    index = read_index(store, run, outcome).sort_by("item_id")
-    ids, hashes = index["item_id"].to_pylist(), index["input_hash"].to_pylist()
-    cached = StageCache(store, "embed", outcome.key).lookup(hashes)
-    if cached is None:
-        raise RuntimeError(f"embed cache {outcome.key} has none of this run's embeddings")
-    dim = cached.schema.field("embedding").type.list_size
-    matrix = np.asarray(cached["embedding"].combine_chunks().values, np.float32).reshape(-1, dim)
-    row = {h: i for i, h in enumerate(cached["input_hash"].to_pylist())}
-    missing = [i for i, h in zip(ids, hashes, strict=True) if h not in row]
-    if missing:
-        raise RuntimeError(
-            f"embed cache {outcome.key} lacks {len(missing)} items, e.g. {missing[:3]}"
-        )
-    return ids, hashes, matrix[[row[h] for h in hashes]]
-
-
 @task(name="embed", **TASK_OPTIONS)
 def embed_task(
+    store: ArtifactStore,
     config: PipelineConfig,
     run: RunInfo,
     ingest: IngestOutcome,
@@ -230,7 +177,7 @@ def embed_task(
     caption: StageOutcome,
     interests: StageOutcome,
 ) -> StageOutcome:
-    store, run = ArtifactStore(config.store), run.for_shard(shard)
+    run = run.for_shard(shard)
 
     def compute(items: pa.Table) -> StageOutcome:
         return embed_stage(

@@ -3,16 +3,13 @@
 Rows that cannot be used go to a quarantine table with a reason; none vanish. A catalog that
 cannot be read at all fails with one `CatalogError` that names the file and the problem.
 
-Input contract (DESIGN.md): `item_id` (required, unique, non-empty), `title`, `description`,
+Input contract (the README's "The catalog contract"): `item_id` (required, unique, non-empty), `title`, `description`,
 `image` (a local path, a path relative to the catalog file, `s3://`, or `http(s)://` when allowed),
 and any other attribute columns, which are kept. A row needs an `item_id` and a title or an image.
 """
 
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import logging
 import os
@@ -25,14 +22,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from prefect import task
 
 from sidpipe.config import CatalogConfig, PipelineConfig
-from sidpipe.storage.hashing import hash_strings, sha256_bytes, stable_hash
-from sidpipe.storage.manifest import StageStats, staging_dir
-from sidpipe.storage.store import ArtifactStore, open_filesystem
-from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, write_shards
+from sidpipe.errors import CatalogError
+from sidpipe.storage.catalog_files import check_images, read_catalog
+from sidpipe.storage.hashing import hash_strings, stable_hash
+from sidpipe.storage.layout import ITEMS_FILE, QUARANTINE_FILE, QUARANTINE_SCHEMA, staging_dir
+from sidpipe.storage.manifest import StageStats
+from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.shards import write_shards
+from sidpipe.tasks.stage import TASK_OPTIONS, IngestOutcome, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +43,6 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACE = re.compile(r"\s+")
 
 
-class CatalogError(ValueError):
-    """The catalog as a whole cannot be read."""
-
-
 @dataclass
 class IngestResult:
     items: pa.Table  # item_id, title, description, image, image_fingerprint, <attrs>, item_hash
@@ -54,119 +50,6 @@ class IngestResult:
     input_rows: int
     catalog_sha256: str
     attribute_columns: list[str]
-
-
-QUARANTINE_SCHEMA = pa.schema(
-    [("row", pa.int64()), ("item_id", pa.string()), ("reason", pa.string()), ("raw", pa.string())]
-)
-
-
-# -- reading ------------------------------------------------------------------------------------
-def _format_of(uri: str) -> str:
-    name = uri.lower().split("?")[0]
-    for suffix, fmt in (
-        (".parquet", "parquet"),
-        (".pq", "parquet"),
-        (".jsonl", "jsonl"),
-        (".ndjson", "jsonl"),
-        (".jsonl.gz", "jsonl"),
-        (".csv", "csv"),
-        (".csv.gz", "csv"),
-    ):
-        if name.endswith(suffix):
-            return fmt
-    raise CatalogError(
-        f"{uri}: unknown catalog format; use a .parquet, .jsonl/.ndjson or .csv file"
-    )
-
-
-def read_catalog(uri: str) -> tuple[list[dict[str, Any]], list[tuple[int, str, str]], str]:
-    """Rows of a catalog as dicts, unparseable rows as (row number, reason, raw text), sha256.
-
-    Row numbers are 1-based data rows (the CSV header is not a row).
-    """
-    fmt = _format_of(uri)
-    fs, path = open_filesystem(uri)
-    try:
-        with fs.open(path, "rb", compression="infer") as handle:
-            data = handle.read()
-    except FileNotFoundError:
-        raise CatalogError(f"{uri}: catalog file not found") from None
-    except Exception as exc:  # noqa: BLE001
-        raise CatalogError(f"{uri}: cannot read the catalog: {exc}") from exc
-
-    bad: list[tuple[int, str, str]] = []
-    if fmt == "parquet":
-        try:
-            table = pq.read_table(io.BytesIO(data))
-        except Exception as exc:  # noqa: BLE001
-            raise CatalogError(f"{uri}: not a readable Parquet file: {exc}") from exc
-        rows = table.to_pylist()
-    elif fmt == "jsonl":
-        rows = []
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise CatalogError(f"{uri}: not UTF-8 text: {exc}") from exc
-        number = 0
-        for line in text.splitlines():
-            if not line.strip():
-                continue
-            number += 1
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                bad.append((number, f"invalid JSON: {exc.msg} at column {exc.colno}", line))
-                rows.append(None)
-                continue
-            if not isinstance(row, dict):
-                bad.append((number, "a JSONL row must be a JSON object", line))
-                rows.append(None)
-                continue
-            rows.append(row)
-    else:
-        try:
-            text = data.decode("utf-8-sig")
-        except UnicodeDecodeError as exc:
-            raise CatalogError(f"{uri}: not UTF-8 text: {exc}") from exc
-        reader = csv.reader(io.StringIO(text, newline=""))
-        header = next(reader, None)
-        if not header:
-            raise CatalogError(f"{uri}: empty CSV file (no header row)")
-        header = [h.strip() for h in header]
-        rows = []
-        for fields in reader:
-            if not fields:
-                continue  # blank line
-            number = len(rows) + 1
-            if len(fields) != len(header):
-                bad.append(
-                    (
-                        number,
-                        f"CSV row has {len(fields)} fields, header has {len(header)}",
-                        ",".join(fields),
-                    )
-                )
-                rows.append(None)
-                continue
-            rows.append({k: (v if v != "" else None) for k, v in zip(header, fields, strict=True)})
-        if "item_id" not in header:
-            raise CatalogError(_missing_id_message(uri, header))
-
-    columns = {k for row in rows if row for k in row}
-    if rows and any(r is not None for r in rows) and "item_id" not in columns:
-        raise CatalogError(_missing_id_message(uri, sorted(columns)))
-    if not rows:
-        raise CatalogError(f"{uri}: the catalog has no rows")
-    # Placeholders (None) keep row numbers aligned with `bad`.
-    return rows, bad, sha256_bytes(data)
-
-
-def _missing_id_message(uri: str, columns: list[str]) -> str:
-    return (
-        f"{uri}: no 'item_id' column (columns: {', '.join(columns) or 'none'}); "
-        "rename your id column to item_id"
-    )
 
 
 # -- normalizing --------------------------------------------------------------------------------
@@ -197,58 +80,6 @@ def resolve_image(ref: str, catalog_uri: str) -> str:
         scheme, rest = catalog_uri.split("://", 1)
         return f"{scheme}://{posixpath.normpath(posixpath.join(posixpath.dirname(rest), ref))}"
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(catalog_uri)), ref))
-
-
-def check_images(uris: list[str]) -> dict[str, tuple[str | None, str | None]]:
-    """For each image URI: (fingerprint, None) if it is a non-empty file, else (None, reason).
-
-    Lists each parent folder once instead of asking about every file: cheap on S3 too.
-    """
-    by_parent: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for uri in uris:
-        scheme = uri.split("://", 1)[0] if "://" in uri else "file"
-        parent = uri.rsplit("/", 1)[0] if "/" in uri else "."
-        by_parent[(scheme, parent)].append(uri)
-
-    result: dict[str, tuple[str | None, str | None]] = {}
-    for (scheme, parent), members in by_parent.items():
-        try:
-            fs, parent_path = open_filesystem(parent)
-            entries = {
-                posixpath.basename(e["name"].rstrip("/")): e
-                for e in fs.ls(parent_path, detail=True)
-            }
-        except FileNotFoundError:
-            entries = {}
-        except Exception as exc:  # noqa: BLE001 - a storage error for this folder only
-            for uri in members:
-                result[uri] = (None, f"image folder unreadable: {parent}: {exc}")
-            continue
-        for uri in members:
-            entry = entries.get(uri.rsplit("/", 1)[-1])
-            if entry is None or entry.get("type") == "directory":
-                result[uri] = (None, f"image not found: {uri}")
-            elif not entry.get("size"):
-                result[uri] = (None, f"image file is empty: {uri}")
-            elif scheme == "file":
-                # Local files are hashed: the same photo gives the same fingerprint on any clone.
-                try:
-                    result[uri] = (f"sha256:{_file_sha256(fs, entry['name'])}", None)
-                except OSError as exc:
-                    result[uri] = (None, f"image unreadable: {uri}: {exc}")
-            else:
-                # Object stores: the ETag from the listing, no download of every image.
-                etag = entry.get("ETag") or entry.get("etag") or entry.get("mtime")
-                result[uri] = (f"etag:{str(etag).strip(chr(34))}:{entry['size']}", None)
-    return result
-
-
-def _file_sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
-    with fs.open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # -- validating ---------------------------------------------------------------------------------
@@ -383,11 +214,6 @@ def validate_rows(
     return items, quarantine, attribute_columns
 
 
-def attribute_text(item: dict[str, Any], attributes: list[str]) -> str:
-    """An item's attribute columns as text, "brand: OPI; color: red" (empty values left out)."""
-    return "; ".join(f"{k}: {item[k]}" for k in attributes if item.get(k) not in (None, ""))
-
-
 def item_hash(item: dict[str, Any]) -> str:
     """Hash of everything the pipeline reads from an item: text, attributes and the image's
     fingerprint: its content for checked local and S3 images (so moving a catalog keeps its
@@ -447,19 +273,6 @@ def _items_schema(items: list[dict[str, Any]], attributes: list[str]) -> pa.Sche
 
 
 # -- the stage ----------------------------------------------------------------------------------
-class IngestOutcome(StageOutcome):
-    input_rows: int = 0
-    quarantined: int = 0
-    catalog_sha256: str = ""
-    items_hash: str = ""  # hash of every item hash, in item_id order
-    attribute_columns: list[str] = []
-    shard_count: int = 1  # item shards the per-item stages map over
-
-
-ITEMS_FILE = "items.parquet"
-QUARANTINE_FILE = "quarantine.parquet"
-
-
 def ingest_stage(
     store: ArtifactStore, run: RunInfo, config: CatalogConfig, shard_size: int = 50_000
 ) -> IngestOutcome:
@@ -490,7 +303,5 @@ def ingest_stage(
 
 
 @task(name="ingest", **TASK_OPTIONS)
-def ingest_task(config: PipelineConfig, run: RunInfo) -> IngestOutcome:
-    return ingest_stage(
-        ArtifactStore(config.store), run, config.catalog, config.orchestration.shard_size
-    )
+def ingest_task(store: ArtifactStore, config: PipelineConfig, run: RunInfo) -> IngestOutcome:
+    return ingest_stage(store, run, config.catalog, config.orchestration.shard_size)

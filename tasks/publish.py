@@ -19,32 +19,43 @@ from prefect.artifacts import (
 
 import sidpipe
 from sidpipe.config import PipelineConfig
-from sidpipe.storage.lock import ensure_holder
-from sidpipe.storage.manifest import (
-    Counts,
-    Manifest,
+from sidpipe.storage.layout import (
+    ENRICHMENT_FILE,
+    ENRICHMENT_SCHEMA,
+    ERRORS_FILE,
+    ERRORS_SCHEMA,
+    ITEMS_FILE,
+    MANIFEST_NAME,
+    QUALITY_FILE,
+    QUALITY_PNG,
+    QUARANTINE_FILE,
+    SIDS_FILE,
+    TOKENS_FILE,
     catalog_dir,
-    publish,
-    read_manifest,
     sids_dir,
     staging_dir,
-    utcnow,
 )
+from sidpipe.storage.lock import ensure_holder
+from sidpipe.storage.manifest import Counts, Manifest, publish, read_manifest, utcnow
 from sidpipe.storage.registry import TokenizerVersion, register
 from sidpipe.storage.store import ArtifactStore, concat_tables
-from sidpipe.tasks.assign import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_FILE, AssignOutcome
-from sidpipe.tasks.fit import FitOutcome
-from sidpipe.tasks.ingest import ITEMS_FILE, QUARANTINE_FILE, IngestOutcome
-from sidpipe.tasks.stage import ERRORS_SCHEMA, TASK_OPTIONS, RunInfo, StageOutcome, stage_values
-
-ERRORS_FILE = "errors.parquet"
-ENRICHMENT_FILE = "enrichment.parquet"  # captions and interests, for the training flows
+from sidpipe.tasks.stage import (
+    TASK_OPTIONS,
+    AssignOutcome,
+    FitOutcome,
+    IngestOutcome,
+    RunInfo,
+    StageOutcome,
+    stage_values,
+)
 
 
 def code_version() -> dict:
     """sidpipe's version and, when run from a git checkout, the commit (and whether it is dirty)."""
     version: dict = {"sidpipe": sidpipe.__version__, "git_commit": None, "git_dirty": None}
     root = Path(sidpipe.__file__).resolve().parent.parent
+    if not (root / ".git").exists():  # an installed package: no checkout to ask
+        return version
     try:
         commit = subprocess.run(
             ["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5
@@ -79,12 +90,11 @@ def enrichment_table(
     ids = sorted(set().union(*(v.keys() for v in values.values())))
     return pa.table(
         {
-            "item_id": pa.array(ids, pa.string()),
-            "caption": pa.array([values.get("caption", {}).get(i) for i in ids], pa.string()),
-            "interests": pa.array(
-                [values.get("interests", {}).get(i) for i in ids], pa.list_(pa.string())
-            ),
-        }
+            "item_id": ids,
+            "caption": [values.get("caption", {}).get(i) for i in ids],
+            "interests": [values.get("interests", {}).get(i) for i in ids],
+        },
+        schema=ENRICHMENT_SCHEMA,
     )
 
 
@@ -193,7 +203,7 @@ def published_files_markdown(store: ArtifactStore, manifest: Manifest) -> str:
         uri = store.uri(f.path)
         rows = "" if f.rows is None else f"{f.rows:,}"
         lines.append(f"| {role} | {rows} | {f.bytes:,} | [{uri}]({uri}) |")
-    manifest_uri = store.uri(*sids_dir(manifest.catalog, manifest.run_date), "_MANIFEST.json")
+    manifest_uri = store.uri(*sids_dir(manifest.catalog, manifest.run_date), MANIFEST_NAME)
     lines += ["", f"Manifest (read it first): [{manifest_uri}]({manifest_uri})"]
     return "\n".join(lines)
 
@@ -210,6 +220,7 @@ def already_published(store: ArtifactStore, run: RunInfo) -> Manifest | None:
 
 @task(name="publish", **TASK_OPTIONS)
 def publish_task(
+    store: ArtifactStore,
     config: PipelineConfig,
     run: RunInfo,
     ingest: IngestOutcome,
@@ -217,7 +228,6 @@ def publish_task(
     fit: FitOutcome,
     assign: AssignOutcome,
 ) -> Manifest:
-    store = ArtifactStore(config.store)
     ensure_holder(store, run.lock_name, run.lock_token)
     manifest = already_published(store, run) or publish_stage(
         store, run, config, ingest, stages, fit, assign

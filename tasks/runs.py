@@ -13,15 +13,10 @@ import uuid
 from datetime import date
 
 from sidpipe.config import PipelineConfig
+from sidpipe.errors import SidpipeError
 from sidpipe.storage.hashing import stable_hash
-from sidpipe.storage.manifest import (
-    Manifest,
-    RunRecord,
-    resumable_run,
-    sids_dir,
-    utcnow,
-    write_run_record,
-)
+from sidpipe.storage.layout import sids_dir
+from sidpipe.storage.manifest import Manifest, RunRecord, resumable_run, utcnow, write_run_record
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.stage import RunInfo
 
@@ -95,29 +90,23 @@ def start_run(
     return run, record
 
 
+def _finish(store: ArtifactStore, record: RunRecord, **update) -> None:
+    write_run_record(store, record.model_copy(update=update))
+
+
 def mark_published(store: ArtifactStore, record: RunRecord, manifest: Manifest) -> None:
-    write_run_record(
+    _finish(
         store,
-        record.model_copy(
-            update={
-                "status": "published",
-                "finished_at": manifest.finished_at,
-                "counts": manifest.counts,
-                "stages": manifest.stages,
-                "published": "/".join(sids_dir(record.catalog, record.run_date)),
-            }
-        ),
+        record,
+        status="published",
+        finished_at=manifest.finished_at,
+        counts=manifest.counts,
+        stages=manifest.stages,
+        published="/".join(sids_dir(record.catalog, record.run_date)),
     )
 
 
 def mark_failed(store: ArtifactStore, record: RunRecord, exc: BaseException) -> None:
-    write_run_record(
-        store,
-        record.model_copy(
-            update={
-                "status": "failed",
-                "finished_at": utcnow(),
-                "error": f"{type(exc).__name__}: {exc}",
-            }
-        ),
-    )
+    expected = isinstance(exc, SidpipeError)
+    error = exc.one_line if expected else f"{type(exc).__name__}: {exc}"
+    _finish(store, record, status="failed", finished_at=utcnow(), error=error)

@@ -26,9 +26,10 @@ for name in list(os.environ):
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from sidpipe.config import SAMPLE_CATALOG, PipelineConfig, load_config  # noqa: E402
+from sidpipe.config import PipelineConfig, load_config  # noqa: E402
+from sidpipe.data import SAMPLE_CATALOG  # noqa: E402
 
-SAMPLE_DIR = SAMPLE_CATALOG.parent
+SAMPLE_DIR = Path(SAMPLE_CATALOG).parent
 S3_BUCKET = "sidpipe-test"
 
 

@@ -26,7 +26,7 @@ def main() -> None:
     config_json, run_date, point = sys.argv[1], date.fromisoformat(sys.argv[2]), sys.argv[3]
     from sidpipe.config import PipelineConfig
     from sidpipe.storage.store import ArtifactStore
-    from sidpipe.tasks import stage
+    from sidpipe.tasks import shards as stage
 
     if point.startswith("embed-shard:"):
         after = int(point.split(":")[1])

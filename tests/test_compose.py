@@ -255,6 +255,10 @@ def test_prefect_yaml_deploys_to_the_bootstrapped_pools():
 
 
 # -- Dockerfile -------------------------------------------------------------------------------------
+def pyproject_text() -> str:
+    return (ROOT / "pyproject.toml").read_text()
+
+
 def test_dockerfile_builds_the_project_image():
     text = DOCKERFILE.read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
@@ -264,6 +268,18 @@ def test_dockerfile_builds_the_project_image():
     assert re.search(r"^ARG TORCH_VERSION=2\.13\.0$", text, re.M)
     assert re.search(r"^ARG TORCH_INDEX=https://download\.pytorch\.org/whl/cpu$", text, re.M)
     assert 'pip install -e ".[${EXTRAS}]"' in text
+    # The dependency layer installs against empty package folders: one per package in
+    # pyproject.toml, or the editable install fails.
+    layer = re.search(r"for pkg in ([^;]+);", text).group(1).split()
+    dirs = re.search(r"\[tool\.setuptools\.package-dir\]\n(.*?)\n\n", pyproject_text(), re.S)
+    mapping = dict(re.findall(r'"([\w.]+)" = "([\w/]+)"', dirs.group(1)))
+    packages = re.findall(
+        r'"(sidpipe[\w.]*)"', re.search(r"packages = \[(.*?)\]", pyproject_text(), re.S).group(1)
+    )
+    for package in packages:
+        parent = max((p for p in mapping if package == p or package.startswith(p + ".")), key=len)
+        folder = "/".join([mapping[parent], *package[len(parent) :].split(".")[1:]])
+        assert folder in layer, f"{package} ({folder}) is missing from the Dockerfile's layer"
     assert re.search(r"^WORKDIR /app$", text, re.M)
     assert re.search(r"^COPY \. \.$", text, re.M)
     pyproject = (ROOT / "pyproject.toml").read_text()

@@ -1,15 +1,19 @@
 """Config: defaults < YAML < SIDPIPE_* environment < explicit values."""
 
+from pathlib import Path
+
 import pytest
 
-from sidpipe.config import SAMPLE_CATALOG, ConfigError, PipelineConfig, load_config
+from sidpipe.config import PipelineConfig, load_config
+from sidpipe.data import SAMPLE_CATALOG
+from sidpipe.errors import ConfigError
 
 
 def test_defaults_run_the_bundled_sample_offline():
     config = load_config()
     assert config.store == "./artifacts"
-    assert config.catalog.uri == str(SAMPLE_CATALOG)
-    assert SAMPLE_CATALOG.is_file()
+    assert config.catalog.uri == SAMPLE_CATALOG
+    assert Path(SAMPLE_CATALOG).is_file()
     assert config.caption.url is None and config.interests.url is None and config.embed.url is None
     assert config.tokenizer.codebook_sizes == [4096, 2048, 1024]
 
@@ -73,16 +77,57 @@ def test_config_is_a_prefect_form_friendly_schema():
 
 
 def test_a_training_yaml_starts_from_a_preset_and_changes_only_what_it_names(tmp_path):
-    from sidpipe.config import TRAIN_PRESETS, train_config
+    from sidpipe.tasks.training.config import load_train_config
 
     path = tmp_path / "toys-cpu.yaml"
-    path.write_text("base: beauty-cpu\ncatalog: toys\nthreads: 1\n")
-    config = train_config(str(path), epochs=9)
-    assert config.name == "toys-cpu" and config.catalog == "toys" and config.threads == 1
-    assert config.epochs == 9  # the command line still wins
-    assert config.d_model == TRAIN_PRESETS["beauty-cpu"]["d_model"] != 128
-    assert train_config("beauty-multitask-cpu").tasks == ["all"]
+    path.write_text("base: beauty-cpu\ndata: {catalog: toys}\nthreads: 1\n")
+    config = load_train_config(str(path), loop={"epochs": 9})
+    assert config.name == "toys-cpu" and config.data.catalog == "toys" and config.threads == 1
+    assert config.loop.epochs == 9  # the command line still wins
+    assert config.loop.valid_users == 2000  # the rest of beauty-cpu's loop section is kept
+    assert config.model.d_model == 64 != type(config.model)().d_model
+    assert load_train_config("beauty-multitask-cpu").model.tasks == ["all"]
 
     path.write_text("base: no-such-preset\n")
-    with pytest.raises(ConfigError, match="unknown base preset 'no-such-preset'"):
-        train_config(str(path))
+    with pytest.raises(ConfigError, match="unknown or circular base preset 'no-such-preset'"):
+        load_train_config(str(path))
+
+
+def test_every_training_preset_is_a_valid_config():
+    from sidpipe.tasks.training.config import load_train_config, presets
+
+    names = presets("genrec")
+    assert {"cpu-small", "beauty-cpu", "beauty", "sasrec-beauty"} <= set(names)
+    for name in names:
+        assert load_train_config(name).name == name
+
+
+def test_another_model_on_the_command_line_starts_from_its_own_defaults():
+    from sidpipe.tasks.training.config import load_train_config
+
+    config = load_train_config("cpu-small", model={"kind": "sasrec"})
+    assert config.model.kind == "sasrec" and config.model == type(config.model)()
+    assert config.loop.epochs == 6  # the preset's other sections stay
+
+
+def test_a_wrong_training_value_names_the_field(tmp_path):
+    from sidpipe.tasks.training.config import load_train_config
+
+    with pytest.raises(ConfigError, match=r"loop\.epochs"):
+        load_train_config("cpu-small", loop={"epochs": 0})
+    with pytest.raises(ConfigError, match="unknown tasks"):
+        load_train_config("cpu-small", model={"tasks": ["next_sid", "haiku"]})
+
+
+def test_the_yaml_file_is_read_per_call_not_through_shared_state(tmp_path):
+    """Two configs loaded at once from different files do not see each other's values."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    files = []
+    for i in range(8):
+        path = tmp_path / f"c{i}.yaml"
+        path.write_text(f"store: /stores/{i}\n")
+        files.append(path)
+    with ThreadPoolExecutor(8) as pool:
+        stores = list(pool.map(lambda f: load_config(f).store, files * 4))
+    assert stores == [f"/stores/{i}" for i in range(8)] * 4

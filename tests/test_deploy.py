@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from sidpipe import deploy
+from sidpipe.errors import ConfigError
 
 EXPECTED = {
     "work-pool/cpu-pool",
@@ -93,7 +94,7 @@ def test_bootstrap_updates_what_differs(prefect_api, monkeypatch):
     assert (block.basepath, block.settings) == ("s3://b/r", {})
 
     deploy.bootstrap()  # leave the defaults for whoever comes next
-    with pytest.raises(deploy.BootstrapError, match="unknown"):
+    with pytest.raises(ConfigError, match="unknown"):
         deploy.bootstrap(limits={"sidpipe-typo": 1})
 
 

@@ -18,7 +18,8 @@ from conftest import subprocess_env
 from typer.testing import CliRunner
 
 from sidpipe.cli import app
-from sidpipe.storage.manifest import published_runs, run_records
+from sidpipe.storage.manifest import run_records
+from sidpipe.storage.published import published_runs
 from sidpipe.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.usefixtures("prefect_api")

@@ -8,10 +8,11 @@ import pytest
 
 from sidpipe.config import EmbedConfig
 from sidpipe.models.embedders import EmbedInput, SentenceTransformerEmbedder
+from sidpipe.models.item_text import item_text
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.embed import embed_stage, item_text, load_embeddings
-from sidpipe.tasks.stage import RunInfo
+from sidpipe.tasks.embed import embed_stage
+from sidpipe.tasks.stage import RunInfo, stage_matrix
 
 
 def items(*rows):
@@ -50,7 +51,7 @@ def test_second_run_reads_everything_from_the_cache(tmp_path, hash_embedder):
     second = embed_stage(store, run_info("r2"), table2, ["color"], hash_embedder, EmbedConfig())
     assert (second.stats.computed, second.stats.cached) == (1, 2)
     assert hash_embedder.embedded == 3  # only the new item was embedded again
-    ids, _, x = load_embeddings(store, run_info("r2"), second)
+    ids, _, x = stage_matrix(store, run_info("r2"), second, "embedding")
     assert ids == ["a", "b", "c"] and x.shape == (3, 16)
 
 

@@ -13,21 +13,19 @@ from conftest import SAMPLE_DIR, sample_rows
 from PIL import Image
 from vllm_double import VLLMDouble
 
-from sidpipe.config import CaptionConfig, EmbedConfig, InterestsConfig
+from sidpipe.config import CaptionConfig, EmbedConfig, InterestsConfig, ModelEndpointConfig
+from sidpipe.errors import EndpointUnavailableError
+from sidpipe.models import openai_client
 from sidpipe.models.embedders import EmbedInput
 from sidpipe.models.images import ImageError, decode_image, fit_pixel_budget, image_url_for
-from sidpipe.models.openai_client import (
-    EndpointSettings,
-    EndpointUnavailableError,
-    OpenAICompatClient,
-    RequestFailedError,
-)
+from sidpipe.models.openai_client import OpenAICompatClient, RequestFailedError
 from sidpipe.models.prompts import INTEREST_PROMPTS, MalformedOutputError, parse_interests
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.embed import embed_stage, load_embeddings, make_embedder
-from sidpipe.tasks.enrich import caption_stage, interests_stage
-from sidpipe.tasks.stage import RunInfo, stage_values
+from sidpipe.tasks.caption import caption_stage
+from sidpipe.tasks.embed import embed_stage, make_embedder
+from sidpipe.tasks.interests import interests_stage
+from sidpipe.tasks.stage import RunInfo, stage_matrix, stage_values
 
 VLM, LLM, GME = "Qwen/Qwen2.5-VL-7B-Instruct", "Qwen/Qwen2.5-7B-Instruct", "gme-test"
 
@@ -83,7 +81,7 @@ def fast(config_cls, url, **kw):
 
 @pytest.fixture(autouse=True)
 def quick_backoff(monkeypatch):
-    monkeypatch.setattr(EndpointSettings, "backoff_base_seconds", 0.001)
+    monkeypatch.setattr(openai_client, "BACKOFF_BASE_SECONDS", 0.001)
 
 
 # -- captions ------------------------------------------------------------------------------------
@@ -175,7 +173,7 @@ def test_a_server_with_another_model_is_refused(tmp_path, llm):
 
 def test_requests_in_flight_never_exceed_the_bound_and_replicas_share_load():
     async def go(urls):
-        settings = EndpointSettings(urls=urls, model=LLM, max_in_flight=4)
+        settings = ModelEndpointConfig(url=",".join(urls), model=LLM, max_in_flight=4)
         async with OpenAICompatClient(settings) as client:
             await asyncio.gather(
                 *(client.chat([{"role": "user", "content": f"q{i}"}]) for i in range(60))
@@ -201,7 +199,7 @@ def test_requests_in_flight_never_exceed_the_bound_and_replicas_share_load():
 
 def test_client_errors_other_than_429_are_not_retried():
     async def go(url):
-        async with OpenAICompatClient(EndpointSettings(urls=[url], model="other")) as client:
+        async with OpenAICompatClient(ModelEndpointConfig(url=url, model="other")) as client:
             await client.chat([{"role": "user", "content": "x"}])
 
     with VLLMDouble(LLM) as server, pytest.raises(RequestFailedError, match="HTTP 404"):
@@ -278,7 +276,7 @@ def test_gme_embeddings_over_the_server(tmp_path):
         )
         assert outcome.model["dim"] == 24
         assert (outcome.stats.computed, outcome.stats.failed) == (3, 1)
-        ids, _, x = load_embeddings(store, run_info(), outcome)
+        ids, _, x = stage_matrix(store, run_info(), outcome, "embedding")
         assert len(ids) == 3 and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-5)
         # The image is part of what GME reads: another image, another cache entry.
         key = embedder.input_key(EmbedInput("t", "/a.jpg", "fp-1"))

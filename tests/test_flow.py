@@ -1,5 +1,6 @@
 """The nightly flow end to end under Prefect: publish, counts, re-run from cache, S3, failures."""
 
+import os
 from datetime import date
 
 import numpy as np
@@ -9,7 +10,8 @@ from conftest import sample_rows, small_config, write_catalog
 from typer.testing import CliRunner
 
 from sidpipe.cli import app
-from sidpipe.storage.manifest import published_runs, read_manifest, run_records
+from sidpipe.storage.manifest import read_manifest, run_records
+from sidpipe.storage.published import published_runs
 from sidpipe.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.usefixtures("prefect_api", "wide_console")
@@ -93,18 +95,30 @@ def test_bad_rows_are_quarantined_and_counts_add_up(tmp_path):
     assert [(e["item_id"], e["stage"]) for e in errors] == [("pic-only", "embed")]
 
 
-def test_unreadable_catalog_fails_the_run_and_publishes_nothing(tmp_path):
+def test_a_catalog_without_item_id_is_refused_before_the_run_starts(tmp_path):
     catalog = tmp_path / "items.csv"
     catalog.write_text("sku,title\n1,a\n")
     config = small_config(str(tmp_path / "store"), str(catalog))
-    from sidpipe.tasks.ingest import CatalogError
+    from sidpipe.errors import CatalogError
 
     with pytest.raises(CatalogError, match="no 'item_id' column"):
+        run_flow(config)
+    assert not os.path.exists(config.store)  # nothing was started, nothing written
+
+
+def test_a_catalog_that_fails_in_ingest_fails_the_run_and_publishes_nothing(tmp_path):
+    catalog = tmp_path / "items.csv"
+    rows = "".join(f"{i},title {i},x\n" for i in range(20))
+    catalog.write_text("item_id,title,item_hash\n" + rows)  # a column name sidpipe reserves
+    config = small_config(str(tmp_path / "store"), str(catalog))
+    from sidpipe.errors import CatalogError
+
+    with pytest.raises(CatalogError, match="reserved"):
         run_flow(config)
     store = ArtifactStore(config.store)
     assert published_runs(store) == []
     [record] = run_records(store)
-    assert record.status == "failed" and "item_id" in record.error
+    assert record.status == "failed" and "reserved" in record.error
 
 
 def test_too_small_catalog_is_refused_with_a_clear_message(tmp_path, small_catalog):
@@ -115,11 +129,15 @@ def test_too_small_catalog_is_refused_with_a_clear_message(tmp_path, small_catal
         min_points_per_code=39,
         small_catalog="refuse",
     )
-    from sidpipe.models.rqvae import CatalogTooSmallError
+    from sidpipe.errors import CatalogTooSmallError
 
-    with pytest.raises(CatalogTooSmallError, match="120 items cannot fill codebooks"):
+    # Stopped before any stage (nothing is written), naming the minimum and the setting.
+    with pytest.raises(
+        CatalogTooSmallError, match="120 rows, but fitting a tokenizer needs at least 159,744"
+    ) as error:
         run_flow(config)
-    assert published_runs(ArtifactStore(config.store)) == []
+    assert "small_catalog=shrink" in error.value.hint
+    assert not os.path.exists(config.store)
 
 
 def test_end_to_end_on_s3(s3, small_catalog):
@@ -204,17 +222,17 @@ def test_a_dead_model_server_fails_the_run_fast_with_the_reason(
     result = CliRunner().invoke(
         app, ["run", "--store", str(tmp_path / "s"), "--catalog", str(small_catalog)]
     )
-    assert result.exit_code == 2, result.output
+    assert result.exit_code == 3, result.output  # unavailable: try again later
     assert f"{dead}: unreachable" in result.output and "Traceback" not in result.output
 
 
 def test_full_enrichment_against_a_flaky_server_accounts_for_every_item(tmp_path, monkeypatch):
     from vllm_double import VLLMDouble
 
-    from sidpipe.models.openai_client import EndpointSettings
+    from sidpipe.models import openai_client
     from sidpipe.models.prompts import INTEREST_PROMPTS
 
-    monkeypatch.setattr(EndpointSettings, "backoff_base_seconds", 0.001)
+    monkeypatch.setattr(openai_client, "BACKOFF_BASE_SECONDS", 0.001)
     rows = sample_rows(100)
     for i in (3, 40):
         rows[i] = dict(rows[i], title="ALWAYS-500 " + rows[i]["title"])
@@ -329,15 +347,16 @@ def test_sid_lifecycle_nightly_keeps_sids_and_refit_reports_drift(tmp_path):
 
 
 def test_a_pinned_tokenizer_is_never_used_on_another_embedding_space(tmp_path, small_catalog):
-    from sidpipe.tasks.fit import TokenizerMismatchError
+    from sidpipe.errors import TokenizerMismatchError
 
     config = small_config(str(tmp_path / "store"), str(small_catalog))
     run_flow(config)
     other = config.model_copy(
         update={"embed": config.embed.model_copy(update={"text_template_version": "v2"})}
     )
-    with pytest.raises(TokenizerMismatchError, match="--refit"):
+    with pytest.raises(TokenizerMismatchError, match="text template changed") as error:
         run_flow(other)
+    assert "--refit" in error.value.hint
 
 
 def test_rqkmeans_through_the_flow(tmp_path, small_catalog):

@@ -6,26 +6,19 @@ import numpy as np
 import pytest
 import torch
 
-from sidpipe.models.genrec import (
-    BOS,
-    GenRecModel,
-    GenRecModelConfig,
-    SidTrie,
-    TokenSpace,
-    beam_search,
-    cosine_with_warmup,
-    score_items,
-)
+from sidpipe.models.genrec import BOS, GenRecConfig, GenRecModel, TokenSpace
 from sidpipe.models.sasrec import SASRec, SASRecConfig
-from sidpipe.tasks.train_genrec import (
-    metrics_from_ranks,
-    popularity_buckets,
-)
+from sidpipe.models.sid_decoding import SidTrie, beam_search, score_items
+from sidpipe.tasks.training.loop import cosine_with_warmup
 
 SPACE = TokenSpace(codebook_sizes=(4, 4, 4), suffix_size=2, user_buckets=8)
-TINY = GenRecModelConfig(
+TINY = GenRecConfig(
     d_model=32, heads=2, head_dim=16, encoder_layers=1, decoder_layers=1, feedforward=64, dropout=0
 )
+
+
+def tiny_model() -> GenRecModel:
+    return GenRecModel(SPACE, TINY, max_source=256, max_target=64)
 
 
 def catalog(n: int = 40, seed: int = 0) -> tuple[list[list[int]], list[str]]:
@@ -61,7 +54,7 @@ def test_constrained_beam_search_returns_only_catalog_items_and_matches_exact_sc
     torch.manual_seed(0)
     seqs, ids = catalog(40)
     trie = SidTrie(SPACE, seqs, ids)
-    model = GenRecModel(SPACE, TINY).eval()
+    model = tiny_model().eval()
     source = torch.randint(SPACE.sid_start, SPACE.sid_end, (3, 9))
     # With as many beams as items, the beam search is exhaustive: it must rank every item
     # exactly as scoring each item's SID does.
@@ -80,7 +73,7 @@ def test_constrained_beam_search_returns_only_catalog_items_and_matches_exact_sc
 def test_more_beams_than_catalog_items_leave_the_rest_empty():
     seqs, ids = catalog(6)
     tokens, scores = beam_search(
-        GenRecModel(SPACE, TINY).eval(), torch.full((1, 3), BOS), SidTrie(SPACE, seqs, ids), 10
+        tiny_model().eval(), torch.full((1, 3), BOS), SidTrie(SPACE, seqs, ids), 10
     )
     assert torch.isfinite(scores[0, :6]).all() and torch.isinf(scores[0, 6:]).all()
 
@@ -89,7 +82,7 @@ def test_unconstrained_decoding_can_name_items_that_do_not_exist():
     torch.manual_seed(1)
     seqs, ids = catalog(10)
     trie = SidTrie(SPACE, seqs, ids)
-    tokens, _ = beam_search(GenRecModel(SPACE, TINY).eval(), torch.full((4, 3), BOS), None, 20)
+    tokens, _ = beam_search(tiny_model().eval(), torch.full((4, 3), BOS), None, 20)
     invalid = sum(trie.item(tuple(t)) is None for t in tokens.view(-1, 4).tolist())
     assert invalid > 0  # 10 of 128 possible SIDs exist: an untrained model mostly misses them
 
@@ -99,7 +92,7 @@ def test_the_model_learns_a_next_item_rule():
     torch.manual_seed(0)
     seqs, ids = catalog(24, seed=3)
     trie = SidTrie(SPACE, seqs, ids)
-    model = GenRecModel(SPACE, TINY)
+    model = tiny_model()
     task = SPACE.task("next_sid")
     sources = torch.tensor([[task, SPACE.user("u"), *seqs[i]] for i in range(23)])
     targets = torch.tensor([seqs[i + 1] for i in range(23)])
@@ -114,19 +107,6 @@ def test_the_model_learns_a_next_item_rule():
     assert top1 == ids[1:24]
 
 
-def test_metrics_count_hits_within_k_and_discount_by_rank():
-    ranks = np.array([0, 4, 5, 9, -1])
-    m = metrics_from_ranks(ranks)
-    assert m["recall@5"] == pytest.approx(2 / 5) and m["recall@10"] == pytest.approx(4 / 5)
-    expected = (1 + 1 / np.log2(6) + 1 / np.log2(7) + 1 / np.log2(11)) / 5
-    assert m["ndcg@10"] == pytest.approx(expected)
-
-
-def test_popularity_buckets_split_items_20_30_50():
-    buckets = popularity_buckets(np.arange(10)[::-1])
-    assert buckets.tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 2, 2]
-
-
 def test_the_learning_rate_decays_with_the_steps_or_the_clock_whichever_is_ahead():
     assert cosine_with_warmup(4, warmup=10, total=100) == pytest.approx(0.5)
     assert cosine_with_warmup(10, warmup=10, total=100) == pytest.approx(1.0)
@@ -139,7 +119,7 @@ def test_the_learning_rate_decays_with_the_steps_or_the_clock_whichever_is_ahead
 
 def test_sasrec_handles_left_padding_and_learns():
     torch.manual_seed(0)
-    model = SASRec(30, SASRecConfig(d_model=32, heads=2, layers=1, dropout=0, max_history=6))
+    model = SASRec(30, SASRecConfig(d_model=32, heads=2, layers=1, dropout=0), max_history=6)
     history = torch.tensor([[0, 0, 0, 1, 2, 3], [0, 5, 6, 7, 8, 9]])
     targets = torch.tensor([[0, 0, 0, 2, 3, 4], [0, 6, 7, 8, 9, 10]])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -157,7 +137,7 @@ def test_sasrec_handles_left_padding_and_learns():
 
 
 def test_a_text_task_needs_one_item_with_every_text_it_reads():
-    from sidpipe.tasks.train_data import _fed
+    from sidpipe.models.genrec_recommender import _fed
 
     # Some item has a caption and some other item a title, but none has both: nothing to train.
     assert not _fed("caption_to_title", {"caption": [[5], []], "title": [[], [7]]})

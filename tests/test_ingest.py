@@ -8,8 +8,10 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import SAMPLE_DIR, sample_rows, write_catalog
 
-from sidpipe.config import SAMPLE_CATALOG, CatalogConfig
-from sidpipe.tasks.ingest import CatalogError, ingest_catalog, normalize_text
+from sidpipe.config import CatalogConfig
+from sidpipe.data import SAMPLE_CATALOG
+from sidpipe.errors import CatalogError
+from sidpipe.tasks.ingest import ingest_catalog, normalize_text
 
 
 def reasons(result) -> dict[str, str]:

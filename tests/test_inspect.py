@@ -27,19 +27,12 @@ import pytest
 from typer.testing import CliRunner
 
 from sidpipe.cli import app
-from sidpipe.models.sid_diff import CHANGES_SCHEMA, SidDiffError, diff_sids
+from sidpipe.errors import SidDiffError
+from sidpipe.models.sid_diff import CHANGES_SCHEMA, diff_sids
 from sidpipe.models.sids import sid_quality, sid_string
-from sidpipe.storage.manifest import (
-    Counts,
-    Manifest,
-    RunRecord,
-    publish,
-    sids_dir,
-    staging_dir,
-    write_run_record,
-)
+from sidpipe.storage.layout import SID_SCHEMA, sids_dir, staging_dir
+from sidpipe.storage.manifest import Counts, Manifest, RunRecord, publish, write_run_record
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.assign import SID_SCHEMA
 
 CATALOG = "shop"
 DAY_A, DAY_B = date(2026, 11, 20), date(2026, 11, 21)
@@ -401,7 +394,7 @@ def test_a_run_without_a_quality_png_says_so(tmp_path):
 def test_a_sid_table_that_does_not_match_its_manifest_is_refused(store):
     store.write_parquet(sid_table(SAME), *sids_dir(CATALOG, DAY_B), "sids.parquet")
     result = inspect(store, *a_vs_b())
-    assert result.exit_code == 2
+    assert result.exit_code == 3  # unavailable for now: republished while read, try again
     assert "does not match the manifest of shop/2026-11-21 (sha256)" in result.output
 
 

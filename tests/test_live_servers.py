@@ -17,9 +17,10 @@ from conftest import SAMPLE_DIR, sample_rows
 from sidpipe.config import CaptionConfig, EmbedConfig, InterestsConfig
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.embed import embed_stage, load_embeddings, make_embedder
-from sidpipe.tasks.enrich import caption_stage, interests_stage
-from sidpipe.tasks.stage import RunInfo, stage_values
+from sidpipe.tasks.caption import caption_stage
+from sidpipe.tasks.embed import embed_stage, make_embedder
+from sidpipe.tasks.interests import interests_stage
+from sidpipe.tasks.stage import RunInfo, stage_matrix, stage_values
 
 
 def live(name: str) -> str:
@@ -70,7 +71,7 @@ def test_live_gme_embeddings(tmp_path):
     store = ArtifactStore(str(tmp_path))
     outcome = embed_stage(store, RUN, sample(), ["articleType"], make_embedder(config), config)
     assert outcome.stats.computed == 8 and outcome.model["dim"] in (1536, 3584)
-    _, _, x = load_embeddings(store, RUN, outcome)
+    _, _, x = stage_matrix(store, RUN, outcome, "embedding")
     assert np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
 
 
@@ -79,7 +80,7 @@ def test_faiss_kmeans_runs_on_the_gpu_when_there_is_one():
     faiss = pytest.importorskip("faiss")
     if not hasattr(faiss, "get_num_gpus") or faiss.get_num_gpus() == 0:
         pytest.skip("no GPU faiss (faiss-cpu silently ignores gpu=True)")
-    from sidpipe.models.rqvae import kmeans
+    from sidpipe.models.quantizer import kmeans
 
     x = np.random.default_rng(0).standard_normal((20_000, 64)).astype(np.float32)
     centroids, device = kmeans(x, 256, 10, seed=1)

@@ -20,8 +20,10 @@ from typer.testing import CliRunner
 from vllm_double import VLLMDouble
 
 from sidpipe.cli import app
-from sidpipe.storage.lock import LockHeldError, LockLostError, StoreLock, ensure_holder
-from sidpipe.storage.manifest import published_runs, run_records
+from sidpipe.errors import LockHeldError, LockLostError
+from sidpipe.storage.lock import StoreLock, ensure_holder
+from sidpipe.storage.manifest import run_records
+from sidpipe.storage.published import published_runs
 from sidpipe.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
@@ -179,7 +181,8 @@ def test_a_changed_setting_starts_a_new_run_instead_of_resuming(tmp_path, small_
 
 def test_a_shard_that_finished_with_failures_is_computed_again_on_resume(tmp_path):
     from sidpipe.storage.manifest import StageStats, utcnow
-    from sidpipe.tasks.stage import RunInfo, StageOutcome, finished_shard, save_checkpoint
+    from sidpipe.tasks.shards import finished_shard, save_checkpoint
+    from sidpipe.tasks.stage import RunInfo, StageOutcome
 
     store = ArtifactStore(str(tmp_path))
     run = RunInfo(run_id="r", run_date=DAY, catalog="c", started_at=utcnow(), shard=0)
@@ -309,8 +312,9 @@ def test_a_run_outside_prefect_is_refused_while_another_run_holds_the_catalog(
     with StoreLock(store, "catalog-test-catalog", run_id="nightly-elsewhere"):
         proc = cli_run(store.root_uri, small_catalog, "2026-11-20")
         out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 2, out
+    assert proc.returncode == 3, out  # unavailable for now: try again later
     assert "locked by run nightly-elsewhere" in " ".join(out.split())
+    assert "Traceback" not in out
     assert published_runs(store) == []
 
 

@@ -3,9 +3,7 @@
 import pytest
 from prefect.states import Failed
 
-from sidpipe.models.rqvae import CatalogTooSmallError
-from sidpipe.storage.store import StoreError
-from sidpipe.tasks.ingest import CatalogError
+from sidpipe.errors import CatalogError, CatalogTooSmallError, StoreError
 from sidpipe.tasks.stage import retry_if_transient
 
 

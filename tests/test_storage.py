@@ -6,19 +6,12 @@ from datetime import date
 import pyarrow as pa
 import pytest
 
+from sidpipe.errors import StoreError
 from sidpipe.storage.cache import StageCache, stage_key
-from sidpipe.storage.manifest import (
-    MANIFEST_NAME,
-    Counts,
-    Manifest,
-    StageStats,
-    publish,
-    published_runs,
-    read_manifest,
-    staging_dir,
-    utcnow,
-)
-from sidpipe.storage.store import ArtifactStore, StoreError
+from sidpipe.storage.layout import MANIFEST_NAME, staging_dir
+from sidpipe.storage.manifest import Counts, Manifest, StageStats, publish, read_manifest, utcnow
+from sidpipe.storage.published import published_runs
+from sidpipe.storage.store import ArtifactStore
 
 
 @pytest.fixture(params=["local", "s3"])

@@ -6,17 +6,12 @@ import numpy as np
 import pytest
 import torch
 
-from sidpipe.models.rqvae import (
-    CatalogTooSmallError,
-    RQVAEConfig,
-    TrainConfig,
-    fit_rqvae,
-    load_rqvae,
-    save_rqvae,
-    size_codebooks,
-)
+from sidpipe.config import TokenizerConfig
+from sidpipe.errors import CatalogTooSmallError
+from sidpipe.models.rqvae import fit_rqvae
+from sidpipe.models.sid_table import assign_sids
 from sidpipe.models.sids import gini, level_stats, sid_quality, sid_string
-from sidpipe.tasks.assign import assign_sids
+from sidpipe.models.tokenizer import load_tokenizer_state, save_tokenizer, size_codebooks
 
 
 def clustered(n=600, dim=24, centers=12, seed=0):
@@ -43,16 +38,18 @@ def test_small_catalog_refused_when_asked():
 
 
 def test_tiny_catalog_is_always_refused():
-    with pytest.raises(CatalogTooSmallError, match="At least 78 items"):
+    with pytest.raises(CatalogTooSmallError) as error:
         size_codebooks(50, [256], 39, "shrink")
+    assert "at least 78 items" in error.value.hint
+
+
+def settings(**kw) -> TokenizerConfig:
+    """A small RQ-VAE: the same settings object the pipeline's config holds."""
+    return TokenizerConfig(hidden_dims=[32], latent_dim=8, batch_size=128, **kw)
 
 
 def fit(x, seed=1, epochs=8, sizes=(8, 8, 8)):
-    return fit_rqvae(
-        x,
-        RQVAEConfig(x.shape[1], list(sizes), hidden_dims=[32], latent_dim=8),
-        TrainConfig(epochs=epochs, batch_size=128, seed=seed, learning_rate=3e-3),
-    )
+    return fit_rqvae(x, list(sizes), settings(epochs=epochs, seed=seed))
 
 
 def test_fit_is_deterministic_for_a_seed():
@@ -73,14 +70,33 @@ def test_fit_uses_its_codebooks_and_reconstructs_better_with_depth():
     assert all(level["utilization"] >= 0.75 for level in quality["levels"])
     cos = model.reconstruction_cosine_by_depth(x)
     assert cos[0] < cos[-1] and cos[-1] > 0.9
-    assert report.kmeans_device == "cpu" and report.epochs == 50
+    assert report["kmeans_device"] == "cpu" and report["epochs"] == 50
 
 
 def test_weights_roundtrip_through_safetensors():
     x = clustered()
     model, _ = fit(x)
-    weights, config = save_rqvae(model)
-    assert np.array_equal(load_rqvae(weights, config).encode(x), model.encode(x))
+    weights, config = save_tokenizer(model)
+    assert np.array_equal(load_tokenizer_state(weights, config).encode(x), model.encode(x))
+
+
+def test_a_tokenizer_saved_before_the_per_level_quantizer_still_loads():
+    """Earlier versions named the codebooks `codebooks.<level>` (and EMA statistics
+    `ema_count_<level>`): such a model.safetensors loads and encodes the same."""
+    from safetensors.numpy import load, save
+
+    x = clustered()
+    model, _ = fit_rqvae(x, [8, 8], settings(epochs=3, codebook_update="ema"))
+    weights, config = save_tokenizer(model)
+    old_names = {}
+    for name, value in load(weights).items():
+        if name.startswith("quantizers."):
+            _, level, stat = name.split(".")
+            name = f"codebooks.{level}" if stat == "codebook" else f"{stat}_{level}"
+        old_names[name] = value
+    assert "codebooks.1" in old_names and "ema_sum_0" in old_names
+    old = load_tokenizer_state(save(old_names), config)
+    assert np.array_equal(old.encode(x), model.encode(x))
 
 
 def test_sid_string_format():
@@ -161,7 +177,7 @@ def test_reassign_moves_colliding_newcomers_to_the_nearest_free_last_code():
 
 
 def test_drift_report_counts_changed_sids_per_level():
-    from sidpipe.tasks.assign import drift_report
+    from sidpipe.models.sid_table import drift_report
 
     old, _ = assign_sids(
         ["a", "b", "c", "d"], np.array([[1, 1], [1, 2], [2, 1], [2, 2]]), "t1", date(2026, 11, 1)
@@ -176,10 +192,9 @@ def test_drift_report_counts_changed_sids_per_level():
 
 def test_rqkmeans_fits_encodes_and_roundtrips():
     from sidpipe.models.rqkmeans import fit_rqkmeans
-    from sidpipe.models.tokenizer import load_tokenizer_state, save_tokenizer
 
     x = clustered()
-    model, report = fit_rqkmeans(x, [8, 8, 8], iterations=10, seed=3)
+    model, report = fit_rqkmeans(x, [8, 8, 8], TokenizerConfig(kmeans_iterations=10, seed=3))
     codes = model.encode(x)
     assert codes.shape == (len(x), 3) and report["method"] == "rqkmeans"
     cos = model.reconstruction_cosine_by_depth(x)
@@ -206,7 +221,8 @@ def test_bad_vectors_are_screened_with_reasons():
 
 
 def test_mixed_dimensions_are_a_clear_error():
-    from sidpipe.models.tokenizer import EmbeddingInputError, stack_embeddings
+    from sidpipe.errors import EmbeddingInputError
+    from sidpipe.models.tokenizer import stack_embeddings
 
     with pytest.raises(
         EmbeddingInputError,
@@ -218,21 +234,19 @@ def test_mixed_dimensions_are_a_clear_error():
 
 def test_rqvae_stops_early_on_the_held_out_split_and_keeps_the_best_epoch():
     x = clustered(800)
-    model, report = fit_rqvae(
-        x,
-        RQVAEConfig(x.shape[1], [8, 8, 8], hidden_dims=[32], latent_dim=8),
-        TrainConfig(epochs=400, batch_size=128, learning_rate=3e-3, patience=3, seed=1),
-    )
-    assert report.epochs < 400
-    assert 0 <= report.best_epoch == report.epochs - 1 - 3
-    assert "validation" in report.final_losses
+    model, report = fit_rqvae(x, [8, 8, 8], settings(epochs=400, patience=3, seed=1))
+    assert report["epochs"] < 400
+    assert 0 <= report["best_epoch"] == report["epochs"] - 1 - 3
+    assert "validation" in report["final_losses"]
 
 
 def test_rqkmeans_refinement_lowers_the_reconstruction_error():
     from sidpipe.models.rqkmeans import fit_rqkmeans
 
     x = clustered(600, centers=30)
-    model, report = fit_rqkmeans(x, [8, 8, 8], iterations=5, refine_rounds=4)
+    model, report = fit_rqkmeans(
+        x, [8, 8, 8], TokenizerConfig(kmeans_iterations=5, refine_rounds=4)
+    )
     errors = report["mse_by_round"]
     assert len(errors) == 5 and min(errors) < errors[0]
     kept = float(np.mean(np.sum((x - model.decode(model.encode(x))) ** 2, axis=1)))
@@ -248,10 +262,11 @@ def test_rqvae_codes_are_identical_across_processes():
     script = (
         "import hashlib, numpy as np\n"
         "from test_tokenizer import clustered\n"
-        "from sidpipe.models.rqvae import RQVAEConfig, TrainConfig, fit_rqvae\n"
+        "from sidpipe.config import TokenizerConfig\n"
+        "from sidpipe.models.rqvae import fit_rqvae\n"
         "x = clustered(3000, dim=48, centers=60)\n"
-        "m, _ = fit_rqvae(x, RQVAEConfig(48, [16, 16, 16], hidden_dims=[128], latent_dim=16),\n"
-        "                 TrainConfig(epochs=6, batch_size=256, seed=5))\n"
+        "s = TokenizerConfig(hidden_dims=[128], latent_dim=16, epochs=6, batch_size=256, seed=5)\n"
+        "m, _ = fit_rqvae(x, [16, 16, 16], s)\n"
         "print(hashlib.sha256(m.encode(x).tobytes()).hexdigest())\n"
     )
     here = str(__import__("pathlib").Path(__file__).parent)
@@ -266,21 +281,15 @@ def test_rqvae_codes_are_identical_across_processes():
 
 def test_ema_codebooks_learn_without_gradients_and_survive_a_roundtrip():
     x = clustered()
-    config = RQVAEConfig(
-        x.shape[1], [8, 8, 8], hidden_dims=[32], latent_dim=8, codebook_update="ema"
-    )
-    model, report = fit_rqvae(
-        x, config, TrainConfig(epochs=30, batch_size=128, seed=2, learning_rate=3e-3)
-    )
-    assert not any(book.requires_grad for book in model.codebooks)
-    assert model.ema_count_0.sum() > 0  # moving statistics were kept
+    model, report = fit_rqvae(x, [8, 8, 8], settings(epochs=30, seed=2, codebook_update="ema"))
+    assert not any(q.codebook.requires_grad for q in model.quantizers)
+    assert model.quantizers[0].ema_count.sum() > 0  # moving statistics were kept
     cos = model.reconstruction_cosine_by_depth(x)
     assert cos[-1] > 0.8
-    weights, saved = save_rqvae(model)
-    assert np.array_equal(load_rqvae(weights, saved).encode(x), model.encode(x))
+    weights, saved = save_tokenizer(model)
+    assert np.array_equal(load_tokenizer_state(weights, saved).encode(x), model.encode(x))
     # Restarted codes take a fresh count, not the dead code's history.
-    model.ema_count_1[:] = 0.0
-    model.reset_ema(1, torch.tensor([2, 3]))
-    assert model.ema_count_1[2] == 1.0 and torch.equal(
-        model.ema_sum_1[3], model.codebooks[1].data[3]
-    )
+    level = model.quantizers[1]
+    level.ema_count[:] = 0.0
+    level.reset_ema(torch.tensor([2, 3]))
+    assert level.ema_count[2] == 1.0 and torch.equal(level.ema_sum[3], level.codebook.data[3])

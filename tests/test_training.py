@@ -1,5 +1,5 @@
 """The training flow end to end: a slice of Amazon Beauty is tokenized by the real pipeline,
-then `sidpipe train genrec` trains on what was published and evaluates with the DESIGN.md
+then `sidpipe train genrec` trains on what was published and evaluates with the README's
 protocol (leave-one-out, full ranking, constrained beam search)."""
 
 from __future__ import annotations
@@ -13,8 +13,10 @@ import pytest
 from typer.testing import CliRunner
 
 from sidpipe.cli import app
-from sidpipe.config import BEAUTY_DIR, load_config, train_config
+from sidpipe.config import load_config
+from sidpipe.data import bundled
 from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.training.config import load_train_config
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 USERS = 300
@@ -27,7 +29,7 @@ def beauty_slice(tmp_path_factory, prefect_api):
     from sidpipe.flows.nightly import nightly_tokenization
 
     folder = tmp_path_factory.mktemp("beauty-slice")
-    interactions = pq.read_table(BEAUTY_DIR / "interactions.parquet")
+    interactions = pq.read_table(bundled("amazon-beauty-2014", "interactions.parquet"))
     users = [str(u) for u in range(1, USERS + 1)]
     interactions = interactions.filter(
         pc.is_in(interactions["user_id"], value_set=pc.cast(users, "string"))
@@ -35,7 +37,7 @@ def beauty_slice(tmp_path_factory, prefect_api):
     pq.write_table(interactions, folder / "interactions.parquet")
     wanted = set(interactions["item_id"].to_pylist())
     with (
-        gzip.open(BEAUTY_DIR / "catalog.jsonl.gz", "rt") as src,
+        gzip.open(bundled("amazon-beauty-2014", "catalog.jsonl.gz"), "rt") as src,
         open(folder / "catalog.jsonl", "w") as out,
     ):
         for line in src:
@@ -82,21 +84,28 @@ def train(beauty_slice, *extra: str):
 
 
 def small_config(beauty_slice, **overrides):
-    """`cpu-small` on the published slice."""
-    return train_config(
+    """`cpu-small` on the published slice; overrides are sections ({"loop": {...}})."""
+    return load_train_config(
         "cpu-small",
         store=beauty_slice["store"],
-        catalog="beauty-slice",
-        interactions=beauty_slice["interactions"],
+        data={"catalog": "beauty-slice", "interactions": beauty_slice["interactions"]},
         **overrides,
     )
 
 
-def next_sid_steps(data, config) -> int:
+def next_sid_steps(config) -> int:
     """Steps in a next-SID-only epoch: one per batch of training windows."""
-    from sidpipe.tasks.train_data import splits
+    from sidpipe.tasks.training.data import load_training_data, split
 
-    return -(-len(splits(data, config.max_history)["train"].target) // config.batch_size)
+    training = load_training_data(ArtifactStore(config.store), config.data)
+    windows = len(split(training.data, config.data.max_history, "train"))
+    return -(-windows // config.loop.batch_size)
+
+
+def train_model(config):
+    from sidpipe.tasks.training.ranking import train_model
+
+    return train_model(ArtifactStore(config.store), config)
 
 
 def latest_metrics(store: str, model: str) -> dict:
@@ -126,7 +135,23 @@ def test_cpu_small_trains_on_published_sids_and_reports_the_protocol_metrics(bea
     predictions = store.read_parquet(folder, "predictions.parquet")
     assert predictions.num_rows == USERS
     assert all(len(top) == 10 for top in predictions["top10"].to_pylist())
+    # The metrics are exactly what the published predictions give.
+    from sidpipe.tasks.training.metrics import ranking_metrics
+
+    recomputed = ranking_metrics(predictions["rank"].to_numpy())
+    assert recomputed == {k: metrics[k] for k in recomputed}
     assert "R@10" in result.output and "invalid SIDs without the trie" in result.output
+
+
+def test_a_trained_run_is_evaluated_again_from_its_folder_alone(beauty_slice):
+    """The checkpoint carries its own config: no preset, no command line needed."""
+    from sidpipe.tasks.training.ranking import evaluate_run
+
+    metrics, folder = latest_metrics(beauty_slice["store"], "tiger")
+    store = ArtifactStore(beauty_slice["store"])
+    again, predictions = evaluate_run(store, "genrec", folder.rsplit("/", 1)[-1])
+    assert {k: again[k] for k in METRIC_KEYS} == {k: metrics[k] for k in METRIC_KEYS}
+    assert predictions.equals(store.read_parquet(folder, "predictions.parquet"))
 
 
 def test_sasrec_baseline_runs_in_the_same_harness(beauty_slice):
@@ -142,9 +167,9 @@ def test_multitask_trains_every_task_the_published_artifacts_can_feed(beauty_sli
 
     config = small_config(
         beauty_slice,
-        epochs=1,
-        tasks=["all"],
-        exact_check_users=0,
+        loop={"epochs": 1},
+        model={"tasks": ["all"]},
+        eval={"exact_check_users": 0},
     )
     metrics = train_genrec(config)
     # Titles and attributes (brand, categories) were published; captions and interests were
@@ -174,30 +199,24 @@ def test_training_without_published_sids_says_what_to_run(tmp_path):
         ],
     )
     assert result.exit_code == 2
-    assert "no published SIDs" in result.output and "sidpipe run" in result.output
+    assert "no published run of catalog 'beauty'" in result.output
+    assert "sidpipe run --catalog-name beauty" in result.output and "Traceback" not in result.output
 
 
 def test_a_time_budget_shorter_than_an_epoch_cuts_the_epoch_and_validates(beauty_slice):
-    from sidpipe.tasks.train_data import prepare_data
-    from sidpipe.tasks.train_genrec import train_recommender
-
     config = small_config(
-        beauty_slice,
-        epochs=50,
-        eval_every=10,
-        time_limit_minutes=0.001,
+        beauty_slice, loop={"epochs": 50, "eval_every": 10, "time_limit_minutes": 0.001}
     )
-    data = prepare_data(config)
-    _, history = train_recommender(config, data)
+    trained = train_model(config)
+    history = trained.history
     assert len(history) == 1 and "valid_ndcg@10" in history[0]  # validated where it stopped
-    assert history[0]["cut_short"] and 1 <= history[0]["steps"] < next_sid_steps(data, config)
+    assert history[0]["cut_short"] and 1 <= history[0]["steps"] < next_sid_steps(config)
 
 
 def test_a_time_budget_stops_before_an_epoch_that_would_not_fit(beauty_slice, monkeypatch):
     import time
 
-    from sidpipe.tasks import train_genrec as module
-    from sidpipe.tasks.train_data import prepare_data
+    from sidpipe.tasks.training import loop
 
     class Clock:  # every reading of the clock costs one second: an epoch of N steps ~ N s
         now = 0.0
@@ -209,17 +228,14 @@ def test_a_time_budget_stops_before_an_epoch_that_would_not_fit(beauty_slice, mo
         def __getattr__(self, name):
             return getattr(time, name)
 
-    config = small_config(
-        beauty_slice,
-        epochs=50,
-        eval_every=10,
-    )
-    data = prepare_data(config)
-    steps = next_sid_steps(data, config)
+    steps = next_sid_steps(small_config(beauty_slice))
     # Room for one and a half epochs: the second would not fit, so none is started.
-    config = config.model_copy(update={"time_limit_minutes": 1.5 * (steps + 3) / 60})
-    monkeypatch.setattr(module, "time", Clock())
-    _, history = module.train_recommender(config, data)
+    budget = 1.5 * (steps + 3) / 60
+    config = small_config(
+        beauty_slice, loop={"epochs": 50, "eval_every": 10, "time_limit_minutes": budget}
+    )
+    monkeypatch.setattr(loop, "time", Clock())
+    history = train_model(config).history
     assert len(history) == 1 and history[0]["steps"] == steps and "cut_short" not in history[0]
     assert "valid_ndcg@10" in history[0]
 
@@ -227,17 +243,9 @@ def test_a_time_budget_stops_before_an_epoch_that_would_not_fit(beauty_slice, mo
 def test_training_on_cpu_is_reproducible_with_a_seed(beauty_slice):
     import torch
 
-    from sidpipe.tasks.train_data import prepare_data
-    from sidpipe.tasks.train_genrec import train_recommender
-
     def run(seed: int):
-        config = small_config(
-            beauty_slice,
-            epochs=1,
-            seed=seed,
-        )
-        model, history = train_recommender(config, prepare_data(config))
-        return model.state_dict(), history
+        trained = train_model(small_config(beauty_slice, loop={"epochs": 1}, seed=seed))
+        return trained.rec.module.state_dict(), trained.history
 
     first, again, other = run(7), run(7), run(8)
     assert first[0].keys() == again[0].keys()
@@ -255,13 +263,7 @@ def test_cuda_training_with_bf16_autocast_matches_the_protocol(beauty_slice):
         pytest.skip("no CUDA GPU")
     from sidpipe.flows.train_genrec import train_genrec
 
-    metrics = train_genrec(
-        small_config(
-            beauty_slice,
-            epochs=3,
-            device="cuda",
-        )
-    )
+    metrics = train_genrec(small_config(beauty_slice, loop={"epochs": 3}, device="cuda"))
     assert torch.cuda.get_device_name(0) == metrics["machine"]
     assert metrics["predictions_valid"] is True and metrics["invalid_rate"] <= 1
     assert metrics["beam_exact_max_score_diff"] < 0.05  # bf16 activations: looser than on CPU

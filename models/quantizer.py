@@ -1,0 +1,99 @@
+"""One level of a residual quantizer: a codebook, how it starts, how it learns, how it recovers.
+
+`LevelQuantizer` picks, for each residual, the nearest of its K codewords. Its codebook starts
+from faiss k-means on the residuals of the *full* data (`init_kmeans`; a first batch cannot seed
+4,096 codes); it learns either by gradient (the codebook loss) or by exponential moving averages
+of the residuals that chose each code (`ema_update`); and a code nobody chose restarts on a
+random residual (`restart`), so capacity is never silently wasted. A residual quantizer (the
+RQ-VAE, or any model that needs codes) stacks levels and keeps its own loop thin.
+
+`kmeans` is the one faiss k-means of the project (RQ-KMeans uses it too). Knows tensors and
+arrays only: no items, files or Prefect.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> tuple[np.ndarray, str]:
+    """faiss k-means centroids [k, d] and the device it ran on ('gpu' or 'cpu').
+
+    faiss-cpu silently ignores gpu=True, so the device is read from faiss, not assumed.
+    """
+    import faiss
+
+    gpus = faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+    km = faiss.Kmeans(
+        x.shape[1],
+        k,
+        niter=iterations,
+        seed=seed,
+        gpu=gpus > 0,
+        verbose=False,
+        min_points_per_centroid=1,
+        max_points_per_centroid=256,
+    )
+    km.train(np.ascontiguousarray(x, dtype=np.float32))
+    return np.asarray(km.centroids, dtype=np.float32), "gpu" if gpus > 0 else "cpu"
+
+
+class LevelQuantizer(nn.Module):
+    """K codewords of size `dim`; `ema=True` updates them by moving averages, not gradients."""
+
+    def __init__(self, size: int, dim: int, ema: bool = False, decay: float = 0.99) -> None:
+        super().__init__()
+        self.ema, self.decay = ema, decay
+        self.codebook = nn.Parameter(torch.zeros(size, dim), requires_grad=not ema)
+        if ema:
+            # Per code: a moving count of the items that chose it and of their residuals' sum.
+            self.register_buffer("ema_count", torch.ones(size))
+            self.register_buffer("ema_sum", torch.zeros(size, dim))
+
+    @property
+    def size(self) -> int:
+        return self.codebook.shape[0]
+
+    def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(code of each residual [N], its codeword [N, dim])."""
+        idx = torch.cdist(residual, self.codebook).argmin(dim=1)
+        return idx, self.codebook[idx]
+
+    @torch.no_grad()
+    def init_kmeans(
+        self, residual: np.ndarray, iterations: int, seed: int
+    ) -> tuple[np.ndarray, str]:
+        """Codewords from k-means of these residuals; returns what this level leaves of them
+        and the device k-means ran on."""
+        centroids, device = kmeans(residual, self.size, iterations, seed)
+        self.codebook.data.copy_(torch.from_numpy(centroids))
+        self.reset_ema(torch.arange(self.size))
+        idx = torch.cdist(torch.from_numpy(residual), torch.from_numpy(centroids)).argmin(1)
+        return residual - centroids[idx.numpy()], device
+
+    @torch.no_grad()
+    def reset_ema(self, codes: torch.Tensor) -> None:
+        """Restart the moving averages of codes that were just (re)initialized, so stale
+        statistics cannot pull them back (espnet #6284's bug)."""
+        if self.ema:
+            self.ema_count[codes] = 1.0
+            self.ema_sum[codes] = self.codebook.data[codes]
+
+    @torch.no_grad()
+    def ema_update(self, idx: torch.Tensor, residual: torch.Tensor) -> None:
+        """Move each used codeword towards the mean residual of the items that chose it."""
+        chosen = torch.bincount(idx, minlength=self.size).to(self.ema_count.dtype)
+        sums = torch.zeros_like(self.ema_sum).index_add_(0, idx, residual)
+        self.ema_count.mul_(self.decay).add_(chosen, alpha=1 - self.decay)
+        self.ema_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
+        n = self.ema_count.sum()
+        smoothed = (self.ema_count + 1e-5) / (n + self.size * 1e-5) * n  # Laplace: no 0 division
+        self.codebook.data.copy_(self.ema_sum / smoothed[:, None])
+
+    @torch.no_grad()
+    def restart(self, dead: torch.Tensor, pool: torch.Tensor, pick: torch.Tensor) -> None:
+        """Move the `dead` codes onto residuals `pool[pick]` (dead-code restart)."""
+        self.codebook.data[dead] = pool[pick]
+        self.reset_ema(dead)

@@ -1,0 +1,37 @@
+"""Options several commands share, declared once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+ConfigOption = Annotated[
+    Path | None,
+    typer.Option("--config", "-c", help="YAML config file (SIDPIPE_* env vars override it)."),
+]
+StoreOption = Annotated[
+    str | None,
+    typer.Option(
+        "--store",
+        "-s",
+        help="Artifact store root: a folder or s3://bucket/prefix "
+        "(env SIDPIPE_STORE; default ./artifacts).",
+    ),
+]
+CatalogOption = Annotated[
+    str | None,
+    typer.Option(
+        help="Catalog file (Parquet/JSONL/CSV, local or s3://) (default: bundled sample)."
+    ),
+]
+CatalogNameOption = Annotated[
+    str | None, typer.Option(help="Name used in artifact paths (default: fashion-sample).")
+]
+
+
+def catalog_settings(uri: str | None, name: str | None) -> dict | None:
+    """--catalog / --catalog-name as a config section (None: neither given)."""
+    chosen = {k: v for k, v in {"uri": uri, "name": name}.items() if v}
+    return chosen or None

@@ -1,0 +1,81 @@
+"""`sidpipe train ...`: the training flows, on what the tokenization flow published."""
+
+from __future__ import annotations
+
+import os
+from typing import Annotated
+
+import typer
+
+from sidpipe.cli.options import StoreOption
+from sidpipe.cli.render import console, print_ranking_metrics
+
+app = typer.Typer(help="Training flows that read the published artifacts.", no_args_is_help=True)
+
+
+@app.command("genrec")
+def genrec(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Preset (cpu-small, beauty-cpu, beauty-multitask-cpu, beauty, "
+            "beauty-multitask, sasrec-beauty) or a YAML file (`base: <preset>` to start "
+            "from one).",
+        ),
+    ] = "cpu-small",
+    store: StoreOption = None,
+    catalog: Annotated[str | None, typer.Option(help="Catalog of the published SIDs.")] = None,
+    run_date: Annotated[
+        str | None, typer.Option(help="Published run date (default: the latest).")
+    ] = None,
+    interactions: Annotated[
+        str | None, typer.Option(help="Parquet with user_id, item_id, timestamp.")
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(help="tiger or sasrec (another model than the preset's: its defaults)."),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs (early stopping).")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    time_limit_minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="Minutes to train: stops before an epoch that would not fit, and cuts an "
+            "epoch longer than the whole budget."
+        ),
+    ] = None,
+) -> None:
+    """Train the TIGER-style generative recommender (or SASRec) on a catalog's published SIDs
+    and evaluate it (leave-one-out, full ranking, constrained beam search)."""
+    from sidpipe.cli import prefect_defaults
+
+    prefect_defaults()
+    from sidpipe.tasks.training.config import load_train_config
+
+    cfg = load_train_config(
+        config,
+        "genrec",
+        store=store or os.environ.get("SIDPIPE_STORE"),
+        data={"catalog": catalog, "run_date": run_date, "interactions": interactions},
+        model={"kind": model},
+        loop={"epochs": epochs, "time_limit_minutes": time_limit_minutes},
+        device=device,
+        seed=seed,
+    )
+    from sidpipe.flows.train_genrec import train_genrec
+    from sidpipe.tasks.training.ranking import metric_rows
+
+    metrics = train_genrec(cfg)
+    print_ranking_metrics(
+        f"{cfg.name} ({cfg.model.kind}): {metrics['users']:,} test users, "
+        f"{metrics['items']:,} items",
+        metric_rows(metrics),
+    )
+    console.print(
+        f"invalid SIDs without the trie: {metrics['invalid_rate']:.2%}; {metrics['epochs']} "
+        f"epochs in {metrics['train_seconds']:.0f}s on {metrics['machine']}; "
+        f"written to training/genrec/{metrics['run_id']}/"
+    )

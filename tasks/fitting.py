@@ -1,0 +1,164 @@
+"""The one way a tokenizer is fitted, named, checked, stored and loaded.
+
+Used by the pipeline's fit stage and by `sidpipe fit` (your own embeddings), so both give a
+tokenizer the same id formula and the same folder layout:
+
+    <folder>/model.safetensors  weights          <folder>/tokens.txt      <a_0> ... <c_1023>
+    <folder>/fit_report.json    fit and quality  <folder>/quality.png     the quality picture
+    <folder>/config.json        written last: id, method, architecture, settings, provenance
+
+A tokenizer's id hashes everything that determines it: the algorithm version, the method, the
+embedding space it was fitted in, the exact training data, the codebook sizes and every setting
+that shapes the fit (including the seed). Fitting the same thing twice finds the first one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from sidpipe.config import TokenizerConfig
+from sidpipe.errors import QualityGateError
+from sidpipe.models.sids import codebook_tokens, sid_quality
+from sidpipe.models.tokenizer import (
+    ALGORITHM_VERSION,
+    Tokenizer,
+    fit_tokenizer,
+    load_tokenizer_state,
+    save_tokenizer,
+    size_codebooks,
+)
+from sidpipe.storage.hashing import stable_hash
+from sidpipe.storage.layout import (
+    FIT_REPORT,
+    QUALITY_PNG,
+    TOKENIZER_CONFIG,
+    TOKENIZER_WEIGHTS,
+    TOKENS_FILE,
+    tokenizer_dir,
+)
+from sidpipe.storage.manifest import utcnow
+from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.report import quality_png
+
+log = logging.getLogger(__name__)
+
+# Settings that decide what happens around a fit, not what it learns: not part of the id.
+LIFECYCLE_SETTINGS = {
+    "refit",
+    "collisions",
+    "small_catalog",
+    "min_level1_utilization",
+    "min_distinct_tuple_rate",
+}
+
+
+@dataclass
+class FittedTokenizer:
+    tokenizer_id: str
+    tokenizer: Tokenizer
+    codebook_sizes: list[int]
+    sizing_message: str | None
+    trained: bool  # False: an identical tokenizer was already stored and is reused
+
+
+def check_gates(quality: dict, config: TokenizerConfig) -> None:
+    level1 = quality["levels"][0]["utilization"]
+    problems = []
+    if level1 < config.min_level1_utilization:
+        problems.append(
+            f"level-1 utilization {level1:.1%} < {config.min_level1_utilization:.0%} "
+            "(tokenizer.min_level1_utilization)"
+        )
+    if quality["distinct_tuple_rate"] < config.min_distinct_tuple_rate:
+        problems.append(
+            f"distinct code tuples {quality['distinct_tuple_rate']:.1%} < "
+            f"{config.min_distinct_tuple_rate:.0%} (tokenizer.min_distinct_tuple_rate)"
+        )
+    if problems:
+        raise QualityGateError("tokenizer fit failed its quality gates: " + "; ".join(problems))
+
+
+def load_tokenizer(
+    store: ArtifactStore, tokenizer_id: str, folder: tuple[str, ...] | None = None
+) -> tuple[Tokenizer, dict]:
+    """A stored tokenizer and its config.json (any layout sidpipe has written)."""
+    where = folder or tokenizer_dir(tokenizer_id)
+    config = store.read_json(*where, TOKENIZER_CONFIG)
+    weights = store.read_bytes(*where, TOKENIZER_WEIGHTS)
+    return load_tokenizer_state(weights, config["model"]), config
+
+
+def fit_and_store(
+    store: ArtifactStore,
+    x: np.ndarray,
+    config: TokenizerConfig,
+    *,
+    embed: dict,
+    data_hash: str,
+    trained_on: dict,
+    folder: tuple[str, ...] | None = None,
+    progress: Callable[[int, int, dict], None] | None = None,
+) -> FittedTokenizer:
+    """Fit a tokenizer on x [N, D] (or find the identical one already stored), check its quality
+    gates, and store it in `folder` (default: `tokenizers/<tokenizer_id>/`).
+
+    `embed` describes the embedding space (`key` is part of the id), `data_hash` the exact
+    training rows, `trained_on` where they came from (recorded, not hashed)."""
+    sizes, message = size_codebooks(
+        len(x), config.codebook_sizes, config.min_points_per_code, config.small_catalog
+    )
+    if message:
+        log.warning("fit: %s", message)
+    settings = config.model_dump(exclude=LIFECYCLE_SETTINGS)
+    identity = {
+        "algorithm": ALGORITHM_VERSION,
+        "method": config.method,
+        "embed_key": embed["key"],
+        "data": data_hash,
+        "codebook_sizes": sizes,
+        "settings": settings,
+    }
+    tokenizer_id = f"{config.method}-{stable_hash(identity, 16)}"
+    where = folder or tokenizer_dir(tokenizer_id)
+    if store.exists(*where, TOKENIZER_CONFIG):
+        saved = store.read_json(*where, TOKENIZER_CONFIG)
+        if saved.get("tokenizer_id") == tokenizer_id:
+            log.info(
+                "fit: tokenizer %s already trained on these embeddings; reusing it", tokenizer_id
+            )
+            tokenizer, _ = load_tokenizer(store, tokenizer_id, where)
+            return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, trained=False)
+
+    log.info("fit: training %s on %d items, codebooks %s", tokenizer_id, len(x), sizes)
+    tokenizer, report = fit_tokenizer(x, sizes, config, progress)
+    codes = tokenizer.encode(x)
+    quality = sid_quality(codes, sizes)
+    quality["reconstruction_cosine_by_depth"] = tokenizer.reconstruction_cosine_by_depth(x)
+    check_gates(quality, config)
+    weights, architecture = save_tokenizer(tokenizer)
+    store.write_bytes(weights, *where, TOKENIZER_WEIGHTS)
+    store.write_text("\n".join(codebook_tokens(sizes)) + "\n", *where, TOKENS_FILE)
+    store.write_json({**report, "quality": quality}, *where, FIT_REPORT)
+    title = f"{tokenizer_id} (fit, {len(x):,} items)"
+    store.write_bytes(quality_png(codes, quality, title), *where, QUALITY_PNG)
+    store.write_json(
+        {
+            "tokenizer_id": tokenizer_id,
+            "method": config.method,
+            "model": architecture,
+            "settings": settings,
+            "requested_codebook_sizes": list(config.codebook_sizes),
+            "codebook_sizes": sizes,
+            "sizing_message": message,
+            "embed": embed,
+            "trained_on": {"items": len(x), "data_hash": data_hash, **trained_on},
+            "created_at": utcnow().isoformat(),
+        },
+        *where,
+        TOKENIZER_CONFIG,
+    )
+    return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, trained=True)

@@ -1,0 +1,96 @@
+"""Checks that take seconds and catch what would otherwise fail a run minutes in.
+
+Run by `sidpipe run` before Prefect starts, and by the flow before it takes the catalog's lock,
+so a missing catalog, an unknown prompt version, a model server that is down or serves another
+model, a store that cannot be written, or a catalog too small for any tokenizer each stop the run
+at once with one clear `SidpipeError`, and nothing is written.
+
+Never imports Prefect: the CLI calls it before Prefect's start-up.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import uuid
+from pathlib import Path
+
+from sidpipe.config import PipelineConfig
+from sidpipe.errors import CatalogTooSmallError, ConfigError, StoreError
+from sidpipe.models.openai_client import OpenAICompatClient
+from sidpipe.models.prompts import CAPTION_PROMPTS, INTEREST_PROMPTS
+from sidpipe.storage.catalog_files import peek_catalog, require_item_id
+from sidpipe.storage.layout import staging_dir
+from sidpipe.storage.registry import read_registry
+from sidpipe.storage.store import ArtifactStore
+
+
+def check_prompts(config: PipelineConfig) -> None:
+    for stage, endpoint, prompts in (
+        ("caption", config.caption, CAPTION_PROMPTS),
+        ("interests", config.interests, INTEREST_PROMPTS),
+    ):
+        if endpoint.urls and endpoint.prompt_version not in prompts:
+            raise ConfigError(
+                f"{stage}.prompt_version {endpoint.prompt_version!r} is unknown",
+                hint=f"built-in versions: {', '.join(prompts)}",
+            )
+
+
+def check_store(store: ArtifactStore) -> None:
+    """The store can be written: a local folder (or its nearest existing parent) is writable;
+    an object store takes a small write and its delete. Leaves nothing behind."""
+    if store.protocol == "file":
+        folder = Path(store.root)
+        while not folder.exists():
+            folder = folder.parent
+        if not (folder.is_dir() and os.access(folder, os.W_OK | os.X_OK)):
+            raise StoreError(
+                f"cannot write to the store {store.root_uri}: {folder} is not writable"
+            )
+        return
+    probe = (*staging_dir(".preflight"), uuid.uuid4().hex)
+    store.write_bytes(b"", *probe)
+    store.delete(*probe)
+
+
+def check_catalog(store: ArtifactStore, config: PipelineConfig) -> None:
+    """The catalog can be opened, and holds enough rows for a tokenizer if this run fits one."""
+    tokenizer = config.tokenizer
+    fits = tokenizer.refit or read_registry(store, config.catalog.name).pinned is None
+    if tokenizer.small_catalog == "refuse":
+        need = max(tokenizer.codebook_sizes) * tokenizer.min_points_per_code
+        hint = "tokenizer.small_catalog=shrink fits smaller codebooks to a small catalog"
+    else:
+        need = 2 * tokenizer.min_points_per_code  # two codes a level
+        hint = "add items, or lower tokenizer.min_points_per_code (k-means gets worse)"
+    rows, columns = peek_catalog(config.catalog.uri, need)
+    require_item_id(config.catalog.uri, columns)
+    if fits and rows < need:
+        raise CatalogTooSmallError(
+            f"{config.catalog.uri}: {rows:,} rows, but fitting a tokenizer needs at least "
+            f"{need:,} items (tokenizer.min_points_per_code = {tokenizer.min_points_per_code})",
+            hint,
+        )
+
+
+def check_endpoints(config: PipelineConfig) -> None:
+    """Every configured model server answers and serves its configured model."""
+    endpoints = [e for e in (config.caption, config.interests, config.embed) if e.urls]
+
+    async def check_all() -> None:
+        for endpoint in endpoints:
+            async with OpenAICompatClient(endpoint) as client:
+                await client.health_check()
+
+    if endpoints:
+        asyncio.run(check_all())
+
+
+def preflight(config: PipelineConfig, store: ArtifactStore | None = None) -> None:
+    """All of the above, cheapest first; raises the first problem found."""
+    check_prompts(config)
+    store = store or ArtifactStore(config.store)
+    check_catalog(store, config)
+    check_store(store)
+    check_endpoints(config)

@@ -1,0 +1,94 @@
+"""Checkpoints that carry their own config, so any run can be evaluated again without its preset.
+
+`<store>/training/<flow>/<run_id>/`:
+    model.safetensors   the weights
+    config.json         the whole training config (data, model with its `kind`, loop, eval),
+                        the published run it trained on, what the model recorded about itself
+    history.json        the learning curve
+
+`load_checkpoint` reads config.json, loads the same published run and interactions, rebuilds
+the model by its `kind` from the registry and loads the weights.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+from sidpipe.errors import PublishedRunNotFound
+from sidpipe.models.recommender import Recommender
+from sidpipe.models.registry import recommender_class
+from sidpipe.storage.layout import training_dir
+from sidpipe.storage.manifest import utcnow
+from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.training.config import TrainConfig
+from sidpipe.tasks.training.data import TrainingData, load_training_data
+from sidpipe.tasks.training.loop import count_parameters
+
+WEIGHTS, CONFIG, HISTORY = "model.safetensors", "config.json", "history.json"
+
+
+def new_run_id(config: TrainConfig) -> str:
+    """Time first, so runs list in order; the random part keeps two runs in one second apart."""
+    return f"{utcnow():%Y%m%dT%H%M%S}-{uuid.uuid4().hex[:6]}-{config.name}-{config.model.kind}"
+
+
+def build(config: TrainConfig, training: TrainingData) -> Recommender:
+    """The configured model for this data, with fresh weights."""
+    cls = recommender_class(config.model.kind)
+    return cls.build(config.model, training.data, config.data.max_history)
+
+
+def save_checkpoint(
+    store: ArtifactStore,
+    flow: str,
+    run_id: str,
+    config: TrainConfig,
+    training: TrainingData,
+    rec: Recommender,
+    history: list[dict],
+) -> None:
+    from safetensors.torch import save
+
+    where = training_dir(flow, run_id)
+    state = {k: v.detach().cpu().contiguous() for k, v in rec.module.state_dict().items()}
+    store.write_bytes(save(state), *where, WEIGHTS)
+    store.write_json(history, *where, HISTORY)
+    store.write_json(
+        {
+            "train": config.model_dump(mode="json"),
+            "published": training.published,
+            "model_summary": rec.summary(),
+            "parameters": count_parameters(rec.module),
+        },
+        *where,
+        CONFIG,
+    )
+
+
+def load_checkpoint(
+    store: ArtifactStore, flow: str, run_id: str, device
+) -> tuple[TrainConfig, TrainingData, Recommender]:
+    """A trained run's config, its data (the same published run) and its model, on `device`."""
+    from safetensors.torch import load
+
+    where = training_dir(flow, run_id)
+    try:
+        saved = store.read_json(*where, CONFIG)
+    except FileNotFoundError:
+        raise PublishedRunNotFound(
+            f"no checkpoint {store.uri(*where)}",
+            hint=f"training runs are folders under {store.uri('training', flow)}",
+        ) from None
+    config = TrainConfig.model_validate(saved["train"])
+    published = saved["published"]
+    data_config = config.data.model_copy(update={"run_date": published["run_date"]})
+    training = load_training_data(store, data_config)
+    if training.published != published:
+        raise PublishedRunNotFound(
+            f"checkpoint {run_id} was trained on {published}, the store now has "
+            f"{training.published} for that date"
+        )
+    rec = build(config, training)
+    rec.module.load_state_dict(load(store.read_bytes(*where, WEIGHTS)))
+    rec.module.to(device)
+    return config, training, rec

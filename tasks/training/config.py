@@ -1,0 +1,161 @@
+"""The typed config of a training run, shared by every training flow, and its presets.
+
+    name, store, seed, device, threads
+    data:  which published run and interactions, the protocol's history length, a user slice
+    model: `kind` (a registered recommender) and that model's own hyperparameters
+    loop:  optimiser, schedule, epochs, validation, early stopping, time budget
+    eval:  decoding and evaluation knobs
+
+Presets are YAML files shipped in the package (`flows/presets/<flow>/<name>.yaml`); a preset or a
+user's file may start from another with `base: <preset>` and name only what it changes (sections
+merge key by key). Command-line options win over both.
+"""
+
+from __future__ import annotations
+
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from sidpipe.config import deep_merge, invalid, read_yaml
+from sidpipe.data import BEAUTY_INTERACTIONS
+from sidpipe.errors import ConfigError
+from sidpipe.models.registry import RECOMMENDERS, ModelConfig
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataConfig(_Section):
+    """What to train on: a published run of a catalog plus interactions, cut by the protocol."""
+
+    catalog: str = Field(default="beauty", description="Catalog whose published SIDs to use.")
+    run_date: str | None = Field(
+        default=None, description="Published run (YYYY-MM-DD); none: the latest."
+    )
+    interactions: str = Field(
+        default=BEAUTY_INTERACTIONS,
+        description="Parquet with user_id, item_id, timestamp (local or s3://).",
+    )
+    max_history: int = Field(default=20, ge=1, description="Most history items per example.")
+    users_limit: int | None = Field(default=None, ge=1, description="Use the first N users.")
+
+
+class LoopConfig(_Section):
+    """The training loop: AdamW, warm-up then a schedule, validation and early stopping."""
+
+    batch_size: int = Field(default=256, ge=1)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.035, ge=0)
+    warmup_steps: int = Field(default=500, ge=1)
+    grad_clip: float = Field(default=1.0, gt=0, description="Largest gradient norm.")
+    lr_schedule: Literal["cosine", "cosine-budget", "constant"] = Field(
+        default="cosine",
+        description=(
+            "After warm-up: cosine decay to 10% over all epochs; cosine-budget, the same decay"
+            " over the time limit's clock; or constant, as the SASRec paper trains."
+        ),
+    )
+    epochs: int = Field(default=100, ge=1, description="Most epochs (early stopping ends sooner).")
+    eval_every: int = Field(default=5, ge=1, description="Epochs between validations.")
+    patience: int = Field(default=4, ge=1, description="Validations without improvement.")
+    valid_users: int | None = Field(
+        default=None, ge=1, description="Validate on this many users (all: None)."
+    )
+    time_limit_minutes: float | None = Field(
+        default=None,
+        gt=0,
+        description=(
+            "Wall-clock budget: training stops (validating there) when another epoch would not"
+            " fit, and an epoch longer than the whole budget is cut where it ends."
+        ),
+    )
+
+
+class EvalConfig(_Section):
+    """Evaluation: full ranking of the test users, and the checks of generative decoding."""
+
+    batch_size: int = Field(default=128, ge=1, description="Users ranked at once.")
+    beams: int = Field(default=20, ge=10, description="Beam width (>= the largest K, 10).")
+    invalid_users: int = Field(
+        default=2000, ge=1, description="Users decoded without the trie to measure invalid SIDs."
+    )
+    exact_check_users: int = Field(
+        default=16, ge=0, description="Users whose beam results are checked against exact scores."
+    )
+
+
+class TrainConfig(_Section):
+    """One training run: data, model, loop, evaluation, and where it runs."""
+
+    name: str = "custom"
+    store: str = Field(default="./artifacts", description="Store with the published SIDs.")
+    data: DataConfig = DataConfig()
+    model: ModelConfig = Field(default_factory=lambda: RECOMMENDERS["tiger"].config_class())
+    loop: LoopConfig = LoopConfig()
+    eval: EvalConfig = EvalConfig()
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
+
+
+def preset_dir(flow: str) -> Path:
+    return Path(str(files("sidpipe.flows").joinpath("presets", flow)))
+
+
+def presets(flow: str) -> list[str]:
+    return sorted(p.stem for p in preset_dir(flow).glob("*.yaml"))
+
+
+def _resolve(values: dict, flow: str, where: str, seen: tuple[str, ...] = ()) -> dict:
+    """Values with their `base:` preset chain merged underneath."""
+    base = values.pop("base", None)
+    if base is None:
+        return values
+    if base not in presets(flow) or base in seen:
+        known = ", ".join(presets(flow))
+        raise ConfigError(f"{where}: unknown or circular base preset {base!r} (presets: {known})")
+    parent = yaml.safe_load((preset_dir(flow) / f"{base}.yaml").read_text()) or {}
+    return deep_merge(_resolve(parent, flow, base, (*seen, base)), values)
+
+
+def load_train_config(name_or_path: str, flow: str = "genrec", **overrides: Any) -> TrainConfig:
+    """A preset by name, or a YAML file, with overrides: a nested mapping like the file's
+    (None values are ignored). `model: {kind: ...}` naming another model than the file's
+    replaces its model section."""
+    if name_or_path in presets(flow):
+        values = yaml.safe_load((preset_dir(flow) / f"{name_or_path}.yaml").read_text()) or {}
+        values.setdefault("name", name_or_path)
+    elif Path(name_or_path).is_file():
+        values = read_yaml(name_or_path)
+        values.setdefault("name", Path(name_or_path).stem)
+    else:
+        raise ConfigError(
+            f"unknown training config {name_or_path!r}",
+            hint=f"a preset ({', '.join(presets(flow))}) or a YAML file",
+        )
+    values = _resolve(values, flow, name_or_path)
+    chosen = _without_none(overrides)
+    kind = chosen.get("model", {}).get("kind")
+    if kind and kind != values.get("model", {}).get("kind", "tiger"):
+        values["model"] = {}  # another model: its own defaults, not this one's sizes
+    try:
+        return TrainConfig(**deep_merge(values, chosen))
+    except ValueError as exc:
+        raise invalid(exc, f"training config {name_or_path!r}") from None
+
+
+def _without_none(values: dict) -> dict:
+    cleaned = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            value = _without_none(value)
+            if not value:
+                continue
+        if value is not None:
+            cleaned[key] = value
+    return cleaned

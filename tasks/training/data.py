@@ -1,0 +1,160 @@
+"""Training data from published artifacts only (never a model stage), and the protocol's splits.
+
+Reads the catalog's published run (`_MANIFEST.json` -> `sids.parquet`, `items.parquet`,
+`enrichment.parquet` when captions or interests were published; each checked against its
+sha256) and an interactions table (`user_id`, `item_id`, `timestamp`). Interactions with items
+the SID table does not know are dropped and counted.
+
+The protocol (leave-one-out): per user, chronological order; the last item is the test target,
+the one before it the validation target, the rest is training (every prefix predicts its next
+item); at most `max_history` items of history; users with fewer than 3 interactions are left
+out. Pure: reads the store, returns arrays; nothing here imports Prefect.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from sidpipe.errors import TrainingDataError
+from sidpipe.models.item_text import description_text
+from sidpipe.models.recommender import TEXT_FIELDS, Examples, RecData
+from sidpipe.storage.layout import TOKENIZER_CONFIG, tokenizer_dir
+from sidpipe.storage.published import read_published_table, resolve_run, run_ref
+from sidpipe.storage.store import ArtifactStore, open_filesystem
+from sidpipe.tasks.training.config import DataConfig
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainingData:
+    data: RecData
+    published: dict  # catalog, run_date, run_id, tokenizer_id of the SIDs used
+    dropped_interactions: int
+
+    def popularity(self) -> np.ndarray:
+        """Training interactions per item (validation and test items excluded)."""
+        counts = np.zeros(self.data.n_items, np.int64)
+        for seq in self.data.sequences:
+            np.add.at(counts, seq[:-2], 1)
+        return counts
+
+
+def read_interactions(uri: str) -> pa.Table:
+    fs, path = open_filesystem(uri)
+    try:
+        with fs.open(path, "rb") as handle:
+            table = pq.read_table(io.BytesIO(handle.read()))
+    except FileNotFoundError:
+        raise TrainingDataError(f"{uri}: interactions file not found") from None
+    missing = {"user_id", "item_id", "timestamp"} - set(table.column_names)
+    if missing:
+        raise TrainingDataError(f"{uri}: interactions need columns {sorted(missing)}")
+    return table.select(["user_id", "item_id", "timestamp"]).cast(
+        pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("timestamp", pa.int64())]),
+        safe=False,
+    )
+
+
+def _item_texts(store: ArtifactStore, manifest, item_ids: list[str]) -> dict[str, list]:
+    """Per item: title, attributes (description and attribute columns), caption, interests."""
+    by_id = {
+        row["item_id"]: row for row in read_published_table(store, manifest, "items").to_pylist()
+    }
+    attributes = manifest.inputs.get("attribute_columns", [])
+    enrichment = {}
+    if "enrichment" in manifest.files:
+        table = read_published_table(store, manifest, "enrichment")
+        enrichment = {row["item_id"]: row for row in table.to_pylist()}
+    texts: dict[str, list] = {f: [] for f in TEXT_FIELDS}
+    for item_id in item_ids:
+        row = by_id.get(item_id, {})
+        extra = enrichment.get(item_id, {})
+        texts["title"].append(row.get("title"))
+        texts["attributes"].append(description_text(row, attributes))
+        texts["caption"].append(extra.get("caption"))
+        interests = extra.get("interests")
+        texts["interests"].append(", ".join(interests) if interests else None)
+    return texts
+
+
+def _user_sort_key(user: str):
+    """Numeric ids in numeric order (Beauty's users are 1..22363), others as text."""
+    return (0, int(user), "") if user.isdigit() else (1, 0, user)
+
+
+def load_training_data(store: ArtifactStore, config: DataConfig) -> TrainingData:
+    manifest = resolve_run(store, config.catalog, config.run_date)
+    sids = read_published_table(store, manifest, "sids").sort_by("item_id")
+    item_ids = sids["item_id"].to_pylist()
+    codes = np.array(sids["codes"].to_pylist(), np.int64)
+    tokenizer = store.read_json(*tokenizer_dir(manifest.tokenizer_id), TOKENIZER_CONFIG)
+    observed = tuple(int(codes[:, level].max()) + 1 for level in range(codes.shape[1]))
+
+    interactions = read_interactions(config.interactions)
+    index = {item: i for i, item in enumerate(item_ids)}
+    known = pc.is_in(interactions["item_id"], value_set=pa.array(item_ids, pa.string()))
+    dropped = interactions.num_rows - pc.sum(known).as_py()
+    if dropped:
+        log.warning("%d interactions name items without a published SID: dropped", dropped)
+    interactions = interactions.filter(known).sort_by(
+        [("user_id", "ascending"), ("timestamp", "ascending")]
+    )
+    users, sequences = [], []
+    user_col = interactions["user_id"].to_numpy(zero_copy_only=False)
+    item_col = np.array([index[i] for i in interactions["item_id"].to_pylist()], np.int64)
+    boundaries = np.flatnonzero(user_col[1:] != user_col[:-1]) + 1
+    starts = np.concatenate([[0], boundaries]) if len(user_col) else np.array([], np.int64)
+    ends = np.concatenate([boundaries, [len(user_col)]]) if len(user_col) else starts
+    order = sorted(range(len(starts)), key=lambda k: _user_sort_key(user_col[starts[k]]))
+    for k in order:
+        seq = item_col[starts[k] : ends[k]]
+        if len(seq) >= 3:  # a training item, a validation item, a test item
+            users.append(str(user_col[starts[k]]))
+            sequences.append(seq)
+        if config.users_limit and len(users) >= config.users_limit:
+            break
+    if not users:
+        raise TrainingDataError(f"{config.interactions}: no user has 3 or more interactions")
+
+    data = RecData(
+        item_ids=item_ids,
+        codes=codes,
+        suffix=np.array(sids["suffix"].to_pylist(), np.int64),
+        codebook_sizes=tuple(tokenizer.get("codebook_sizes", observed)),
+        users=users,
+        sequences=sequences,
+        text=_item_texts(store, manifest, item_ids),
+    )
+    return TrainingData(data, run_ref(manifest), dropped)
+
+
+def split(data: RecData, max_history: int, which: str) -> Examples:
+    """The protocol's examples: `train` (every position before the last two), `valid` (the
+    second to last item) or `test` (the last item)."""
+    users, histories, targets = [], [], []
+    for u, seq in enumerate(data.sequences):
+        n = len(seq)
+        if which == "train":
+            positions = range(1, n - 2)
+        else:
+            positions = [n - 2] if which == "valid" else [n - 1]
+        for t in positions:
+            hist = seq[max(0, t - max_history) : t]
+            row = np.full(max_history, -1, np.int64)
+            row[max_history - len(hist) :] = hist
+            users.append(u)
+            histories.append(row)
+            targets.append(seq[t])
+    return Examples(
+        np.array(users, np.int64),
+        np.array(histories, np.int64).reshape(-1, max_history),
+        np.array(targets, np.int64),
+    )
