@@ -16,6 +16,7 @@ import os
 import posixpath
 import tempfile
 from collections.abc import Iterable
+from contextlib import contextmanager
 from typing import Any
 
 import fsspec
@@ -69,18 +70,25 @@ class ArtifactStore:
         rel = path[len(self.root) :].lstrip("/\\")
         return rel.replace(os.sep, "/")
 
-    # -- reading ---------------------------------------------------------------------------------
-    def exists(self, *parts: str) -> bool:
-        return self.fs.exists(self.path(*parts))
-
-    def read_bytes(self, *parts: str) -> bytes:
-        path = self.path(*parts)
+    @contextmanager
+    def _backend(self, action: str, *parts: str):
+        """Any backend error (no credentials, no bucket, no permission, a timeout) becomes one
+        StoreError naming the URI; a missing file stays a FileNotFoundError."""
         try:
-            return self.fs.cat_file(path)
-        except FileNotFoundError:
+            yield
+        except (FileNotFoundError, StoreError):
             raise
         except Exception as exc:  # noqa: BLE001 - any backend error becomes one clear message
-            raise StoreError(f"cannot read {self.uri(*parts)}: {exc}") from exc
+            raise StoreError(f"cannot {action} {self.uri(*parts)}: {exc}") from exc
+
+    # -- reading ---------------------------------------------------------------------------------
+    def exists(self, *parts: str) -> bool:
+        with self._backend("read", *parts):
+            return self.fs.exists(self.path(*parts))
+
+    def read_bytes(self, *parts: str) -> bytes:
+        with self._backend("read", *parts):
+            return self.fs.cat_file(self.path(*parts))
 
     def read_json(self, *parts: str) -> Any:
         return json.loads(self.read_bytes(*parts))
@@ -91,14 +99,16 @@ class ArtifactStore:
     def glob(self, pattern: str) -> list[str]:
         """Paths matching a glob relative to the root, sorted (fresh listing, never cached)."""
         self.fs.invalidate_cache()
-        return sorted(self.fs.glob(self.path(pattern)))
+        with self._backend("list", pattern):
+            return sorted(self.fs.glob(self.path(pattern)))
 
     def listdir(self, *parts: str) -> list[str]:
         path = self.path(*parts)
         self.fs.invalidate_cache()
-        if not self.fs.exists(path):
-            return []
-        return sorted(self.fs.ls(path, detail=False))
+        with self._backend("list", *parts):
+            if not self.fs.exists(path):
+                return []
+            return sorted(self.fs.ls(path, detail=False))
 
     # -- writing ---------------------------------------------------------------------------------
     def write_bytes(self, data: bytes, *parts: str) -> str:

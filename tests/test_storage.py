@@ -119,3 +119,25 @@ def test_counts_that_do_not_add_up_are_never_published(store):
     with pytest.raises(AssertionError, match="do not add up"):
         publish(store, bad, {"sids": ("sids.parquet", ("sids", "cat", "2026-11-01"), 1)})
     assert not store.exists("sids", "cat", "2026-11-01", MANIFEST_NAME)
+
+
+def test_a_store_that_cannot_be_reached_is_one_clear_error(s3, monkeypatch):
+    """No credentials (the README's s3:// example as a new user first runs it): one StoreError
+    naming the URI, and from the CLI two lines and exit code 3, no traceback."""
+    import s3fs
+    from typer.testing import CliRunner
+
+    from sidpipe.cli import app
+
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", "/dev/null")
+    monkeypatch.setenv("AWS_CONFIG_FILE", "/dev/null")
+    s3fs.S3FileSystem.clear_instance_cache()
+    store = ArtifactStore(f"{s3}/prefix")
+    with pytest.raises(StoreError, match=f"cannot read {s3}/prefix/x.json: .*credentials"):
+        store.exists("x.json")
+    result = CliRunner().invoke(app, ["inspect", "--store", f"{s3}/prefix"])
+    assert result.exit_code == 3 and "credentials" in result.output
+    assert "Traceback" not in result.output and "hint:" in result.output
