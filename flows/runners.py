@@ -1,7 +1,8 @@
 """The Prefect task runner a run's shards go to, chosen by `orchestration.task_runner`.
 
 thread/process spread shards over one box; dask/ray over a cluster (prefect-dask, prefect-ray),
-with the same flow code. Inputs are small pydantic models, so every runner can pickle them.
+with the same flow code. Task inputs are small pydantic models and the run's `ArtifactStore`
+(which pickles as its root URI and options), so every runner can ship them.
 """
 
 from __future__ import annotations

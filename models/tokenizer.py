@@ -152,7 +152,10 @@ def read_embeddings_parquet(data: bytes) -> tuple[list[str], list[Any]]:
     """(item_ids, vectors) from a Parquet file with `item_id` and `embedding` columns."""
     import pyarrow.parquet as pq
 
-    table = pq.read_table(io.BytesIO(data))
+    try:
+        table = pq.read_table(io.BytesIO(data))
+    except Exception as exc:  # noqa: BLE001 - any reader error: one clear message
+        raise EmbeddingInputError(f"the embeddings file is not readable Parquet: {exc}") from None
     missing = {"item_id", "embedding"} - set(table.column_names)
     if missing:
         raise EmbeddingInputError(

@@ -41,10 +41,10 @@ def _format_of(uri: str) -> str:
     )
 
 
-def peek_catalog(uri: str, at_most: int) -> tuple[int, list[str]]:
-    """A catalog's data rows, counted up to `at_most`, and the columns those rows have (CSV:
-    the header; Parquet: the schema and row count from the metadata). Cheap enough to check a
-    catalog before a run starts."""
+def peek_catalog(uri: str, at_most: int) -> tuple[int, list[str] | None]:
+    """A catalog's data rows, counted up to `at_most`, and its columns where the file declares
+    them (CSV: the header; Parquet: the schema, rows from its metadata; JSONL: None, each row
+    has its own). Cheap enough to check a catalog before a run starts."""
     fmt = _format_of(uri)
     fs, path = open_filesystem(uri)
     try:
@@ -52,7 +52,8 @@ def peek_catalog(uri: str, at_most: int) -> tuple[int, list[str]]:
             with fs.open(path, "rb") as handle:
                 meta = pq.ParquetFile(handle)
                 return meta.metadata.num_rows, meta.schema_arrow.names
-        with fs.open(path, "rt", compression="infer", encoding="utf-8", errors="replace") as text:
+        encoding = "utf-8-sig" if fmt == "csv" else "utf-8"  # as read_catalog reads it
+        with fs.open(path, "rt", compression="infer", encoding=encoding, errors="replace") as text:
             if fmt == "csv":
                 reader = csv.reader(text)
                 columns = [c.strip() for c in next(reader, [])]
@@ -62,27 +63,21 @@ def peek_catalog(uri: str, at_most: int) -> tuple[int, list[str]]:
                     if rows >= at_most:
                         break
                 return rows, columns
-            rows, keys = 0, {}
+            rows = 0
             for line in text:
-                if not line.strip():
-                    continue
-                rows += 1
-                try:
-                    row = json.loads(line)
-                    keys.update(dict.fromkeys(row if isinstance(row, dict) else []))
-                except json.JSONDecodeError:
-                    pass  # ingest quarantines it with the reason
+                rows += bool(line.strip())
                 if rows >= at_most:
                     break
-            return rows, list(keys)
+            return rows, None
     except FileNotFoundError:
         raise CatalogError(f"{uri}: catalog file not found") from None
     except Exception as exc:  # noqa: BLE001 - any reader error: one clear message
         raise CatalogError(f"{uri}: cannot read the catalog: {exc}") from exc
 
 
-def require_item_id(uri: str, columns: list[str]) -> None:
-    if "item_id" not in columns:
+def require_item_id(uri: str, columns: list[str] | None) -> None:
+    """A declared set of columns (None: not declared) must hold item_id."""
+    if columns is not None and "item_id" not in columns:
         raise CatalogError(_missing_id_message(uri, columns))
 
 

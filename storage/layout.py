@@ -71,10 +71,17 @@ QUALITY_PNG = "quality.png"
 TOKENS_FILE = "tokens.txt"
 ERRORS_FILE = "errors.parquet"
 ENRICHMENT_FILE = "enrichment.parquet"  # captions and interests, for the training flows
+QUALITY_MD = "quality.md"  # `sidpipe fit`'s report as markdown
 # A tokenizer's folder:
 TOKENIZER_WEIGHTS = "model.safetensors"
 TOKENIZER_CONFIG = "config.json"  # written last: a folder without one is not a tokenizer
 FIT_REPORT = "fit_report.json"
+# A training run's folder (the checkpoint's weights are TOKENIZER_WEIGHTS' name too):
+CHECKPOINT_WEIGHTS = "model.safetensors"
+CHECKPOINT_CONFIG = "config.json"  # the run's whole config: evaluate it again from this alone
+HISTORY_FILE = "history.json"
+METRICS_FILE = "metrics.json"
+PREDICTIONS_FILE = "predictions.parquet"
 
 # Published files by role (the keys of a manifest's `files`), as people call them.
 PUBLISHED_ROLES = {

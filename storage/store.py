@@ -46,6 +46,7 @@ class ArtifactStore:
 
     def __init__(self, root: str, **storage_options: Any) -> None:
         self.root_uri = root
+        self.storage_options = storage_options
         self.fs, self.root = open_filesystem(root, **storage_options)
         self.protocol = "file" if _is_local(self.fs) else self.fs.protocol
         if isinstance(self.protocol, (tuple, list)):
@@ -151,11 +152,21 @@ class ArtifactStore:
 
     def delete(self, *parts: str) -> None:
         path = self.path(*parts)
-        if self.fs.exists(path):
-            self.fs.rm(path, recursive=True)
+        with self._backend("delete", *parts):
+            if self.fs.exists(path):
+                self.fs.rm(path, recursive=True)
+
+    def __reduce__(self):
+        """Pickled as its root URI and options (process, Dask and Ray task runners): the
+        receiving process opens its own filesystem."""
+        return _reopen, (self.root_uri, self.storage_options)
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_uri!r})"
+
+
+def _reopen(root: str, options: dict) -> ArtifactStore:
+    return ArtifactStore(root, **options)
 
 
 def concat_tables(tables: Iterable[pa.Table]) -> pa.Table | None:

@@ -63,6 +63,7 @@ class FittedTokenizer:
     codebook_sizes: list[int]
     sizing_message: str | None
     trained: bool  # False: an identical tokenizer was already stored and is reused
+    report: dict  # the fit report (fit_report.json), {} when reused
 
 
 def check_gates(quality: dict, config: TokenizerConfig) -> None:
@@ -131,7 +132,7 @@ def fit_and_store(
                 "fit: tokenizer %s already trained on these embeddings; reusing it", tokenizer_id
             )
             tokenizer, _ = load_tokenizer(store, tokenizer_id, where)
-            return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, trained=False)
+            return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, False, {})
 
     log.info("fit: training %s on %d items, codebooks %s", tokenizer_id, len(x), sizes)
     tokenizer, report = fit_tokenizer(x, sizes, config, progress)
@@ -161,4 +162,4 @@ def fit_and_store(
         *where,
         TOKENIZER_CONFIG,
     )
-    return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, trained=True)
+    return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, True, report)

@@ -1,9 +1,11 @@
 """Checks that take seconds and catch what would otherwise fail a run minutes in.
 
 Run by `sidpipe run` before Prefect starts, and by the flow before it takes the catalog's lock,
-so a missing catalog, an unknown prompt version, a model server that is down or serves another
-model, a store that cannot be written, or a catalog too small for any tokenizer each stop the run
-at once with one clear `SidpipeError`, and nothing is written.
+so a missing catalog, an unknown prompt version, a store that cannot be written, or a catalog too
+small for any tokenizer each stop the run at once with one clear `SidpipeError`, and nothing is
+written. `sidpipe run` also checks the configured model servers first (`servers=True`); the flow
+does not, so a scheduled run whose stages are all cached never needs its servers up (a stage
+with work checks its server itself before its first request).
 
 Never imports Prefect: the CLI calls it before Prefect's start-up.
 """
@@ -87,10 +89,13 @@ def check_endpoints(config: PipelineConfig) -> None:
         asyncio.run(check_all())
 
 
-def preflight(config: PipelineConfig, store: ArtifactStore | None = None) -> None:
+def preflight(
+    config: PipelineConfig, store: ArtifactStore | None = None, servers: bool = False
+) -> None:
     """All of the above, cheapest first; raises the first problem found."""
     check_prompts(config)
     store = store or ArtifactStore(config.store)
     check_catalog(store, config)
     check_store(store)
-    check_endpoints(config)
+    if servers:
+        check_endpoints(config)

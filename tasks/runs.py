@@ -3,7 +3,7 @@
 Every run leaves one record in the run log (`runs/<run_id>/_RUN.json`). When a run is killed or
 fails, its record stays `running`/`failed` and its staged work stays in `runs/<run_id>/`: the
 next run of the same catalog, date and result-shaping settings adopts that run id as a new
-attempt, so finished shards are not computed again (see `tasks.stage.run_shard`). Call these
+attempt, so finished shards are not computed again (see `tasks.shards.run_shard`). Call these
 while holding the catalog's lock (`storage.lock`): only then is a `running` record a dead run.
 """
 

@@ -25,6 +25,7 @@ from sidpipe.errors import SidpipeError, StoreError
 from sidpipe.storage.cache import StageCache
 from sidpipe.storage.layout import (
     ERRORS_SCHEMA,
+    INDEX_SCHEMA,
     INPUT_HASH,
     ITEMS_FILE,
     SHARDS_DIR,
@@ -131,12 +132,7 @@ def write_index(
     store: ArtifactStore, run: RunInfo, stage: str, item_ids: list[str], input_hashes: list[str]
 ) -> str:
     name = f"{stage}-index{run.suffix}.parquet"
-    table = pa.table(
-        {
-            "item_id": pa.array(item_ids, pa.string()),
-            INPUT_HASH: pa.array(input_hashes, pa.string()),
-        }
-    )
+    table = pa.table({"item_id": item_ids, INPUT_HASH: input_hashes}, schema=INDEX_SCHEMA)
     store.write_parquet(table, *staging_dir(run.run_id), name)
     return name
 

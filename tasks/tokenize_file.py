@@ -24,7 +24,14 @@ from sidpipe.models.sid_table import assign_sids, table_quality
 from sidpipe.models.sids import codebook_tokens, quality_markdown, suffix_tokens
 from sidpipe.models.tokenizer import read_embeddings_parquet, screen_embeddings, stack_embeddings
 from sidpipe.storage.hashing import hash_strings, sha256_bytes
-from sidpipe.storage.layout import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_FILE
+from sidpipe.storage.layout import (
+    QUALITY_FILE,
+    QUALITY_MD,
+    QUALITY_PNG,
+    QUARANTINE_FILE,
+    SIDS_FILE,
+    TOKENS_FILE,
+)
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore, open_filesystem
 from sidpipe.tasks.fitting import fit_and_store
@@ -90,6 +97,7 @@ def tokenize_file(
         "method": config.method,
         "sizing_message": fitted.sizing_message,
         "quarantined": len(quarantine),
+        "fit_seconds": fitted.report.get("seconds"),
     }
     tokens = codebook_tokens(sizes) + suffix_tokens(len(sizes), quality["max_suffix"])
     out.write_text("\n".join(tokens) + "\n", TOKENS_FILE)
@@ -99,10 +107,10 @@ def tokenize_file(
             {"item_id": [q[0] for q in quarantine], "reason": [q[1] for q in quarantine]},
             schema=pa.schema([("item_id", pa.string()), ("reason", pa.string())]),
         ),
-        "quarantine.parquet",
+        QUARANTINE_FILE,
     )
     out.write_json(quality, QUALITY_FILE)
-    out.write_text(quality_markdown(quality) + "\n", "quality.md")
+    out.write_text(quality_markdown(quality) + "\n", QUALITY_MD)
     title = f"{fitted.tokenizer_id} ({len(ids):,} items)"
     out.write_bytes(quality_png(final_codes, quality, title), QUALITY_PNG)
     return quality

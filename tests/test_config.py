@@ -131,3 +131,55 @@ def test_the_yaml_file_is_read_per_call_not_through_shared_state(tmp_path):
     with ThreadPoolExecutor(8) as pool:
         stores = list(pool.map(lambda f: load_config(f).store, files * 4))
     assert stores == [f"/stores/{i}" for i in range(8)] * 4
+
+
+def test_a_checkpoint_saved_before_config_sections_still_loads_its_config():
+    """config.json of a run trained before training configs had sections (a flat mapping):
+    evaluating it again rebuilds the same model and protocol."""
+    from sidpipe.tasks.training.checkpoint import upgrade
+    from sidpipe.tasks.training.config import TrainConfig
+
+    flat = {
+        "name": "slice-sasrec",
+        "store": "/s",
+        "catalog": "beauty-slice",
+        "run_date": None,
+        "interactions": "/i.parquet",
+        "model": "sasrec",
+        "tasks": ["next_sid"],
+        "max_history": 20,
+        "users_limit": None,
+        "d_model": 64,
+        "heads": 2,
+        "head_dim": 64,
+        "encoder_layers": 2,
+        "decoder_layers": 4,
+        "feedforward": 1024,
+        "dropout": 0.3,
+        "batch_size": 256,
+        "learning_rate": 0.001,
+        "weight_decay": 0.0,
+        "warmup_steps": 500,
+        "lr_schedule": "constant",
+        "epochs": 3,
+        "eval_every": 1,
+        "patience": 5,
+        "valid_users": None,
+        "time_limit_minutes": None,
+        "beams": 20,
+        "eval_batch_size": 64,
+        "invalid_users": 2000,
+        "exact_check_users": 16,
+        "text_max_tokens": 24,
+        "history_titles": 5,
+        "seed": 42,
+        "device": "auto",
+        "threads": None,
+    }
+    config = TrainConfig.model_validate(upgrade(flat))
+    assert config.model.kind == "sasrec" and (config.model.layers, config.model.heads) == (2, 2)
+    assert config.data.catalog == "beauty-slice" and config.loop.eval_every == 1
+    assert config.eval.batch_size == 64 and config.loop.lr_schedule == "constant"
+    tiger = TrainConfig.model_validate(upgrade(flat | {"model": "tiger", "tasks": ["all"]}))
+    assert tiger.model.tasks == ["all"] and tiger.model.decoder_layers == 4
+    assert upgrade(config.model_dump()) == config.model_dump()  # today's layout passes as is

@@ -61,7 +61,7 @@ def run(
         tokenizer={"refit": True} if refit else None,
     )
     day = parse_date(run_date, "--run-date")
-    preflight(cfg)  # seconds, before Prefect's server starts: bad input fails at once
+    preflight(cfg, servers=True)  # seconds, before Prefect's server starts: fails at once
 
     from sidpipe.flows.nightly import nightly_tokenization
 

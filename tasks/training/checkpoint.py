@@ -17,14 +17,17 @@ import uuid
 from sidpipe.errors import PublishedRunNotFound
 from sidpipe.models.recommender import Recommender
 from sidpipe.models.registry import recommender_class
-from sidpipe.storage.layout import training_dir
+from sidpipe.storage.layout import (
+    CHECKPOINT_CONFIG,
+    CHECKPOINT_WEIGHTS,
+    HISTORY_FILE,
+    training_dir,
+)
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.training.config import TrainConfig
 from sidpipe.tasks.training.data import TrainingData, load_training_data
 from sidpipe.tasks.training.loop import count_parameters
-
-WEIGHTS, CONFIG, HISTORY = "model.safetensors", "config.json", "history.json"
 
 
 def new_run_id(config: TrainConfig) -> str:
@@ -51,8 +54,8 @@ def save_checkpoint(
 
     where = training_dir(flow, run_id)
     state = {k: v.detach().cpu().contiguous() for k, v in rec.module.state_dict().items()}
-    store.write_bytes(save(state), *where, WEIGHTS)
-    store.write_json(history, *where, HISTORY)
+    store.write_bytes(save(state), *where, CHECKPOINT_WEIGHTS)
+    store.write_json(history, *where, HISTORY_FILE)
     store.write_json(
         {
             "train": config.model_dump(mode="json"),
@@ -61,8 +64,49 @@ def save_checkpoint(
             "parameters": count_parameters(rec.module),
         },
         *where,
-        CONFIG,
+        CHECKPOINT_CONFIG,
     )
+
+
+# Checkpoints written before training configs had sections kept every setting in one mapping.
+_FLAT = {
+    "data": ("catalog", "run_date", "interactions", "max_history", "users_limit"),
+    "loop": (
+        "batch_size",
+        "learning_rate",
+        "weight_decay",
+        "warmup_steps",
+        "lr_schedule",
+        "epochs",
+        "eval_every",
+        "patience",
+        "valid_users",
+        "time_limit_minutes",
+    ),
+    "eval": ("beams", "eval_batch_size", "invalid_users", "exact_check_users"),
+}
+_FLAT_MODEL = {
+    "tiger": ("tasks", "d_model", "heads", "head_dim", "encoder_layers", "decoder_layers")
+    + ("feedforward", "dropout", "text_max_tokens", "history_titles"),
+    "sasrec": ("d_model", "heads", "encoder_layers", "dropout"),
+}
+
+
+def upgrade(train: dict) -> dict:
+    """A checkpoint's training config in today's layout (older ones were one flat mapping)."""
+    if isinstance(train.get("model"), dict):
+        return train
+    kind = train.get("model", "tiger")
+    nested = {k: train[k] for k in ("name", "store", "seed", "device", "threads") if k in train}
+    for section, keys in _FLAT.items():
+        nested[section] = {k: train[k] for k in keys if k in train}
+    if "eval_batch_size" in nested["eval"]:
+        nested["eval"]["batch_size"] = nested["eval"].pop("eval_batch_size")
+    model = {k: train[k] for k in _FLAT_MODEL[kind] if k in train}
+    if kind == "sasrec" and "encoder_layers" in model:
+        model["layers"] = model.pop("encoder_layers")
+    nested["model"] = {"kind": kind, **model}
+    return nested
 
 
 def load_checkpoint(
@@ -73,13 +117,13 @@ def load_checkpoint(
 
     where = training_dir(flow, run_id)
     try:
-        saved = store.read_json(*where, CONFIG)
+        saved = store.read_json(*where, CHECKPOINT_CONFIG)
     except FileNotFoundError:
         raise PublishedRunNotFound(
             f"no checkpoint {store.uri(*where)}",
             hint=f"training runs are folders under {store.uri('training', flow)}",
         ) from None
-    config = TrainConfig.model_validate(saved["train"])
+    config = TrainConfig.model_validate(upgrade(saved["train"]))
     published = saved["published"]
     data_config = config.data.model_copy(update={"run_date": published["run_date"]})
     training = load_training_data(store, data_config)
@@ -89,6 +133,6 @@ def load_checkpoint(
             f"{training.published} for that date"
         )
     rec = build(config, training)
-    rec.module.load_state_dict(load(store.read_bytes(*where, WEIGHTS)))
+    rec.module.load_state_dict(load(store.read_bytes(*where, CHECKPOINT_WEIGHTS)))
     rec.module.to(device)
     return config, training, rec

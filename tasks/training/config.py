@@ -111,6 +111,15 @@ def presets(flow: str) -> list[str]:
     return sorted(p.stem for p in preset_dir(flow).glob("*.yaml"))
 
 
+def _layer(under: dict, over: dict) -> dict:
+    """`over` merged onto `under`; a `model.kind` other than the one below replaces the whole
+    model section (another model starts from its own defaults, not the other one's sizes)."""
+    kind = over.get("model", {}).get("kind")
+    if kind and kind != under.get("model", {}).get("kind", "tiger"):
+        under = {**under, "model": {}}
+    return deep_merge(under, over)
+
+
 def _resolve(values: dict, flow: str, where: str, seen: tuple[str, ...] = ()) -> dict:
     """Values with their `base:` preset chain merged underneath."""
     base = values.pop("base", None)
@@ -120,13 +129,13 @@ def _resolve(values: dict, flow: str, where: str, seen: tuple[str, ...] = ()) ->
         known = ", ".join(presets(flow))
         raise ConfigError(f"{where}: unknown or circular base preset {base!r} (presets: {known})")
     parent = yaml.safe_load((preset_dir(flow) / f"{base}.yaml").read_text()) or {}
-    return deep_merge(_resolve(parent, flow, base, (*seen, base)), values)
+    return _layer(_resolve(parent, flow, base, (*seen, base)), values)
 
 
 def load_train_config(name_or_path: str, flow: str = "genrec", **overrides: Any) -> TrainConfig:
     """A preset by name, or a YAML file, with overrides: a nested mapping like the file's
-    (None values are ignored). `model: {kind: ...}` naming another model than the file's
-    replaces its model section."""
+    (None values are ignored). A layer naming another `model.kind` than the one below replaces
+    the model section."""
     if name_or_path in presets(flow):
         values = yaml.safe_load((preset_dir(flow) / f"{name_or_path}.yaml").read_text()) or {}
         values.setdefault("name", name_or_path)
@@ -138,13 +147,9 @@ def load_train_config(name_or_path: str, flow: str = "genrec", **overrides: Any)
             f"unknown training config {name_or_path!r}",
             hint=f"a preset ({', '.join(presets(flow))}) or a YAML file",
         )
-    values = _resolve(values, flow, name_or_path)
-    chosen = _without_none(overrides)
-    kind = chosen.get("model", {}).get("kind")
-    if kind and kind != values.get("model", {}).get("kind", "tiger"):
-        values["model"] = {}  # another model: its own defaults, not this one's sizes
+    values = _layer(_resolve(values, flow, name_or_path), _without_none(overrides))
     try:
-        return TrainConfig(**deep_merge(values, chosen))
+        return TrainConfig(**values)
     except ValueError as exc:
         raise invalid(exc, f"training config {name_or_path!r}") from None
 

@@ -54,6 +54,8 @@ def read_interactions(uri: str) -> pa.Table:
             table = pq.read_table(io.BytesIO(handle.read()))
     except FileNotFoundError:
         raise TrainingDataError(f"{uri}: interactions file not found") from None
+    except Exception as exc:  # noqa: BLE001 - any reader error: one clear message
+        raise TrainingDataError(f"{uri}: not a readable Parquet file: {exc}") from None
     missing = {"user_id", "item_id", "timestamp"} - set(table.column_names)
     if missing:
         raise TrainingDataError(f"{uri}: interactions need columns {sorted(missing)}")

@@ -1,4 +1,4 @@
-"""The metrics every training flow reports, computed from the rows it writes to predictions.
+"""The metrics the training flows report, computed from the rows they write to predictions.
 
 Ranking (leave-one-out, full ranking): Recall@K and NDCG@K from the 0-based rank of each user's
 target (-1: not ranked in the top K). CTR: AUC, GAUC (per-user AUC weighted by the user's

@@ -19,7 +19,7 @@ from prefect import get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 
 from sidpipe.models.recommender import Recommender
-from sidpipe.storage.layout import training_dir
+from sidpipe.storage.layout import METRICS_FILE, PREDICTIONS_FILE, training_dir
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.training.checkpoint import build, load_checkpoint, save_checkpoint
 from sidpipe.tasks.training.config import TrainConfig
@@ -144,8 +144,8 @@ def evaluate_task(
         "run_id": run_id,
     }
     where = training_dir(flow, run_id)
-    store.write_parquet(predictions, *where, "predictions.parquet")
-    store.write_json(metrics, *where, "metrics.json")
+    store.write_parquet(predictions, *where, PREDICTIONS_FILE)
+    store.write_json(metrics, *where, METRICS_FILE)
     keys = (*METRIC_KEYS, "invalid_rate")
     create_table_artifact(
         [{"metric": k, "value": round(metrics[k], 4)} for k in keys],
