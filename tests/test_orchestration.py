@@ -231,17 +231,22 @@ def test_local_lock_is_freed_when_its_holder_is_killed(tmp_path):
     StoreLock(store, "catalog-shop", run_id="next").acquire().release()
 
 
+# Short enough to keep the test quick, long enough that a heartbeat (every TTL/3) delayed by a
+# loaded 2-core machine in the full suite does not let the live lease lapse.
+TEST_TTL = 4.0
+
+
 def test_s3_lease_admits_one_holder_renews_and_can_be_taken_over_only_after_it_lapses(s3):
     store = ArtifactStore(s3)
-    first = StoreLock(store, "catalog-shop", run_id="run-a", ttl_seconds=1.5).acquire()
+    first = StoreLock(store, "catalog-shop", run_id="run-a", ttl_seconds=TEST_TTL).acquire()
     with pytest.raises(LockHeldError, match="run-a"):
-        StoreLock(store, "catalog-shop", run_id="run-b", ttl_seconds=1.5).acquire()
-    time.sleep(2.5)  # the heartbeat keeps a live holder's lease
+        StoreLock(store, "catalog-shop", run_id="run-b", ttl_seconds=TEST_TTL).acquire()
+    time.sleep(TEST_TTL * 1.6)  # the heartbeat keeps a live holder's lease
     with pytest.raises(LockHeldError):
-        StoreLock(store, "catalog-shop", run_id="run-b", ttl_seconds=1.5).acquire()
+        StoreLock(store, "catalog-shop", run_id="run-b", ttl_seconds=TEST_TTL).acquire()
     first._impl._stop.set()  # the holder dies: no more heartbeats, no release
     first._impl._heartbeat.join()
-    time.sleep(1.6)
+    time.sleep(TEST_TTL + 0.2)
     # Many runs race for the lapsed lease: exactly one wins (compare-and-swap on its ETag).
     winners, contenders = (
         [],
