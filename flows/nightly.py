@@ -11,7 +11,6 @@ run started again continues where it stopped (finished shards are kept).
 
 from __future__ import annotations
 
-import logging
 from datetime import date, datetime
 from zoneinfo import ZoneInfo
 
@@ -22,6 +21,7 @@ from prefect.runtime import flow_run
 from sidpipe.config import PipelineConfig, resolve_config
 from sidpipe.flows.clean_failures import fail_cleanly
 from sidpipe.flows.runners import make_task_runner
+from sidpipe.progress import show_sidpipe_info
 from sidpipe.storage.lock import StoreLock, catalog_lock_name
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
@@ -58,9 +58,8 @@ def nightly_tokenization(
     `run_date` defaults to the scheduled start (nightly runs, API backfills) or today; settings
     not given here come from the worker's SIDPIPE_* environment."""
     # Stage cores log through the `sidpipe` logger (Prefect forwards it: PREFECT_LOGGING_EXTRA_
-    # LOGGERS); make their INFO lines visible unless the user chose a level.
-    if logging.getLogger("sidpipe").level == logging.NOTSET:
-        logging.getLogger("sidpipe").setLevel(logging.INFO)
+    # LOGGERS).
+    show_sidpipe_info()
     config = resolve_config(config)
     day = logical_date(run_date, config.orchestration.timezone)
     runner = make_task_runner(config.orchestration)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from prefect import flow
 
 from sidpipe.flows.clean_failures import fail_cleanly
+from sidpipe.progress import show_sidpipe_info
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.training.checkpoint import new_run_id
 from sidpipe.tasks.training.config import TrainConfig
@@ -25,6 +26,7 @@ FLOW = "genrec"
 @fail_cleanly
 def train_genrec(config: TrainConfig) -> dict:
     """Train `config.model` (tiger or sasrec) on the catalog's published SIDs and evaluate it."""
+    show_sidpipe_info()  # data preparation and progress lines
     store = ArtifactStore(config.store)
     run_id = new_run_id(config)
     trained = train_task(store, config, FLOW, run_id)

@@ -112,7 +112,7 @@ def fit_rqkmeans(
     coordinate descent: each level's codebook is re-estimated as the mean of what the *other*
     levels leave of its items, and every item is re-encoded greedily. Greedy re-encoding can undo
     a round's gain, so the codebooks of the round with the lowest reconstruction error are kept.
-    `progress` is accepted for the common tokenizer interface (there are no epochs)."""
+    `progress(done, total, losses)` is called after each level and each round."""
     iterations, seed = settings.kmeans_iterations, settings.seed
     refine_rounds = settings.refine_rounds
     started = time.perf_counter()
@@ -120,10 +120,17 @@ def fit_rqkmeans(
     mean = x.mean(axis=0)
     residual = x - mean
     books, device = [], "cpu"
+    steps = len(codebook_sizes) + refine_rounds
+
+    def report(done: int, mse: float) -> None:
+        if progress is not None:
+            progress(done, steps, {"total": mse})
+
     for level, k in enumerate(codebook_sizes):
         centroids, device = kmeans(residual, k, iterations, seed + level)
         books.append(centroids)
         residual = residual - centroids[_nearest(centroids, residual)]
+        report(level + 1, float(np.mean(np.sum(residual**2, axis=1))))
     model = RQKMeans(RQKMeansConfig(x.shape[1], list(codebook_sizes)), mean, books)
 
     errors = [float(np.mean(np.sum(residual**2, axis=1)))]
@@ -147,6 +154,7 @@ def fit_rqkmeans(
         errors.append(float(np.mean(np.sum((x - x_hat) ** 2, axis=1))))
         if errors[-1] < min(errors[:-1]):
             best = [b.copy() for b in model.codebooks]
+        report(len(codebook_sizes) + len(errors) - 1, errors[-1])
     model.codebooks = best
     return model, {
         "method": "rqkmeans",

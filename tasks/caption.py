@@ -18,7 +18,7 @@ from sidpipe.storage.layout import CAPTION_CACHE_SCHEMA
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.model_served import model_key, run_enrichment, skipped_outcome
 from sidpipe.tasks.shards import run_shard, shard_limit
-from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome, progress_artifact
+from sidpipe.tasks.stage import TASK_OPTIONS, RunInfo, StageOutcome
 
 
 def caption_stage(
@@ -27,7 +27,7 @@ def caption_stage(
     items: pa.Table,
     config: CaptionConfig,
     allow_http_images: bool = False,
-    progress=None,
+    label: str | None = None,
 ) -> StageOutcome:
     """Caption every item that has an image; items without one are counted as skipped."""
     if not config.urls:
@@ -71,7 +71,7 @@ def caption_stage(
         config,
         CAPTION_CACHE_SCHEMA,
         skipped=no_image,
-        progress=progress,
+        label=label,
     )
 
 
@@ -90,7 +90,7 @@ def caption_task(
             items,
             config.caption,
             config.catalog.allow_http_images,
-            progress=progress_artifact(f"caption shard {shard}") if config.caption.urls else None,
+            label=f"caption shard {shard}",
         ),
         shard_limit(config.orchestration, "caption", config.caption),
     )

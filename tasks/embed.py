@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
 
 import pyarrow as pa
 from prefect import get_run_logger, task
@@ -22,6 +21,7 @@ from sidpipe.models.embedders import (
     SentenceTransformerEmbedder,
 )
 from sidpipe.models.item_text import item_text
+from sidpipe.progress import Progress
 from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
@@ -33,7 +33,6 @@ from sidpipe.tasks.stage import (
     RunInfo,
     StageOutcome,
     failed_items,
-    progress_artifact,
     stage_values,
     write_errors,
     write_index,
@@ -62,9 +61,10 @@ def embed_stage(
     captions: dict[str, str] | None = None,
     interests: dict[str, list[str]] | None = None,
     exclude: set[str] | None = None,
-    progress: Callable[[int, int], None] | None = None,
+    label: str = "embed",
 ) -> StageOutcome:
-    """Embed every item not in `exclude` (items that failed upstream), using the cache."""
+    """Embed every item not in `exclude` (items that failed upstream), using the cache.
+    `label` names the work in progress output (e.g. "embed shard 3")."""
     started = time.perf_counter()
     captions, interests, exclude = captions or {}, interests or {}, exclude or set()
     # The model and revision fix the dimension, so it is not part of the key (a server's model
@@ -111,29 +111,26 @@ def embed_stage(
         embedder.name,
     )
 
-    done = 0
     failed_hashes: dict[str, str] = {}
     todo_items = list(todo.items())
-    for start in range(0, len(todo_items), CHUNK_ITEMS):
-        chunk = todo_items[start : start + CHUNK_ITEMS]
-        vectors, chunk_errors = embedder.embed([inp for _, inp in chunk])
-        for i, message in chunk_errors.items():
-            failed_hashes[chunk[i][0]] = message
-        ok = [i for i in range(len(chunk)) if i not in chunk_errors]
-        if ok:
-            cache.put(
-                pa.table(
-                    {
-                        "input_hash": pa.array([chunk[i][0] for i in ok], pa.string()),
-                        "embedding": pa.FixedSizeListArray.from_arrays(
-                            pa.array(vectors[ok].reshape(-1), pa.float32()), vectors.shape[1]
-                        ),
-                    }
+    with Progress(label, total=len(todo_items), unit="inputs") as bar:
+        for start in range(0, len(todo_items), CHUNK_ITEMS):
+            chunk = todo_items[start : start + CHUNK_ITEMS]
+            vectors, chunk_errors = embedder.embed([inp for _, inp in chunk], bar.advance)
+            for i, message in chunk_errors.items():
+                failed_hashes[chunk[i][0]] = message
+            ok = [i for i in range(len(chunk)) if i not in chunk_errors]
+            if ok:
+                cache.put(
+                    pa.table(
+                        {
+                            "input_hash": pa.array([chunk[i][0] for i in ok], pa.string()),
+                            "embedding": pa.FixedSizeListArray.from_arrays(
+                                pa.array(vectors[ok].reshape(-1), pa.float32()), vectors.shape[1]
+                            ),
+                        }
+                    )
                 )
-            )
-        done += len(chunk)
-        if progress is not None:
-            progress(done, len(todo_items))
 
     # Items whose request failed for good: per-item errors; they are retried next run.
     kept = [(i, h) for i, h in zip(ids, hashes, strict=True) if h not in failed_hashes]
@@ -192,7 +189,7 @@ def embed_task(
             if not interests.skipped
             else None,
             exclude=failed_items(store, run, [caption, interests]),
-            progress=progress_artifact(f"embed shard {shard}"),
+            label=f"embed shard {shard}",
         )
 
     outcome = run_shard(

@@ -30,7 +30,6 @@ from sidpipe.tasks.stage import (
     RunInfo,
     StageOutcome,
     failed_items,
-    progress_artifact,
     stage_values,
 )
 
@@ -59,7 +58,7 @@ def interests_stage(
     config: InterestsConfig,
     captions: dict[str, str] | None = None,
     exclude: set[str] | None = None,
-    progress=None,
+    label: str | None = None,
 ) -> StageOutcome:
     """Mine 2-4 interest tags per item from its title, description, caption and attributes."""
     if not config.urls:
@@ -109,7 +108,7 @@ def interests_stage(
         worker,
         config,
         INTERESTS_CACHE_SCHEMA,
-        progress=progress,
+        label=label,
     )
 
 
@@ -135,9 +134,7 @@ def interests_task(
             config.interests,
             captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
             exclude=failed_items(store, run, [caption]),
-            progress=progress_artifact(f"interests shard {shard}")
-            if config.interests.urls
-            else None,
+            label=f"interests shard {shard}",
         ),
         shard_limit(config.orchestration, "interests", config.interests),
     )

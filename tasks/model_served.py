@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from sidpipe.config import ModelEndpointConfig
 from sidpipe.models.openai_client import OpenAICompatClient
+from sidpipe.progress import Progress
 from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
@@ -71,14 +72,14 @@ def run_enrichment(
     endpoint: ModelEndpointConfig,
     result_schema: pa.Schema,
     skipped: int = 0,
-    progress: Callable[[int, int], None] | None = None,
+    label: str | None = None,
 ) -> StageOutcome:
     """Cache-aware, chunked, bounded-concurrency enrichment.
 
     `inputs` holds (item_id, key fields, payload): the key fields are hashed for the cache (what
     determines the result), the payload is what `worker(client, payload)` needs to compute it
     (e.g. also the image's location). The worker returns the result columns or raises (a
-    per-item error).
+    per-item error). `label` names the work in progress output (e.g. "caption shard 3").
     """
     started = time.perf_counter()
     key = stage_key(stage, params)
@@ -99,9 +100,10 @@ def run_enrichment(
     failed: dict[str, str] = {}
     usage: dict[str, int] = {}
     if todo:
-        failed, usage = asyncio.run(
-            _compute(cache, list(todo.items()), worker, endpoint, result_schema, progress)
-        )
+        with Progress(label or stage, total=len(todo), unit="inputs") as bar:
+            failed, usage = asyncio.run(
+                _compute(cache, list(todo.items()), worker, endpoint, result_schema, bar)
+            )
 
     ok_ids, ok_hashes, errors = [], [], []
     for (item_id, _, _), h in zip(inputs, hashes, strict=True):
@@ -133,14 +135,13 @@ async def _compute(
     worker: Worker,
     endpoint: ModelEndpointConfig,
     schema: pa.Schema,
-    progress: Callable[[int, int], None] | None,
+    bar: Progress,
 ):
     """A pool of `max_in_flight x replicas` workers pulls inputs one by one, so the server never
     idles between chunks; finished results are flushed to the cache every CHUNK_ITEMS."""
     failed: dict[str, str] = {}
     rows: list[dict[str, Any]] = []
     pending = iter(todo)
-    done = 0
     flushes: list[asyncio.Task] = []
 
     def flush() -> None:
@@ -155,23 +156,18 @@ async def _compute(
         await client.health_check()
 
         async def pull() -> None:
-            nonlocal done
             for h, payload in pending:  # a shared iterator: each input is taken once
                 try:
                     rows.append({"input_hash": h, **await worker(client, payload)})
                 except Exception as exc:  # noqa: BLE001 - a per-item error
                     failed[h] = f"{type(exc).__name__}: {exc}"
-                done += 1
+                bar.advance(status=f"{len(failed):,} failed" if failed else None)
                 if len(rows) >= CHUNK_ITEMS:
                     flush()
-                if progress is not None and done % 256 == 0:
-                    progress(done, len(todo))
 
         workers = min(len(todo), endpoint.max_in_flight * len(endpoint.urls))
         await asyncio.gather(*(pull() for _ in range(workers)))
         flush()
         await asyncio.gather(*flushes)
-        if progress is not None:
-            progress(done, len(todo))
         usage = client.usage.as_dict()
     return failed, usage

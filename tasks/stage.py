@@ -13,7 +13,6 @@ every stage are defined here, so the flow and `publish` can pass them along.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from datetime import date, datetime
 
 import numpy as np
@@ -120,6 +119,7 @@ class FitOutcome(StageOutcome):
     fitted: bool = False  # a new version was fitted (first run or refit): pinned on publish
     embed_key: str = ""
     parent: str | None = None  # the version pinned before this run
+    unchanged: bool = False  # a refit that reproduced the pinned tokenizer (same settings, data)
 
 
 class AssignOutcome(StageOutcome):
@@ -229,15 +229,3 @@ def stage_matrix(
     dim = cached.schema.field(column).type.list_size
     matrix = np.asarray(cached[column].combine_chunks().values, np.float32).reshape(-1, dim)
     return ids, hashes, matrix[positions]
-
-
-def progress_artifact(stage: str) -> Callable[[int, int], None]:
-    """A Prefect progress artifact for a long stage; returns the callback that updates it."""
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
-    artifact = create_progress_artifact(0.0, description=f"{stage}: share of items done")
-
-    def update(done: int, total: int) -> None:
-        update_progress_artifact(artifact, 100.0 * done / max(total, 1))
-
-    return update

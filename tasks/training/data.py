@@ -92,6 +92,18 @@ def _user_sort_key(user: str):
     return (0, int(user), "") if user.isdigit() else (1, 0, user)
 
 
+def check_inputs(store: ArtifactStore, config: DataConfig) -> None:
+    """Seconds, before Prefect starts: the published run resolves, the interactions exist."""
+    resolve_run(store, config.catalog, config.run_date)
+    fs, path = open_filesystem(config.interactions)
+    try:
+        found = fs.exists(path)
+    except Exception as exc:  # noqa: BLE001 - no credentials, no bucket: one clear message
+        raise TrainingDataError(f"{config.interactions}: cannot read it: {exc}") from None
+    if not found:
+        raise TrainingDataError(f"{config.interactions}: interactions file not found")
+
+
 def load_training_data(store: ArtifactStore, config: DataConfig) -> TrainingData:
     manifest = resolve_run(store, config.catalog, config.run_date)
     sids = read_published_table(store, manifest, "sids").sort_by("item_id")

@@ -17,6 +17,7 @@ import pyarrow as pa
 import torch
 
 from sidpipe.models.recommender import Examples, RecData, Recommender
+from sidpipe.progress import Progress
 from sidpipe.tasks.training.config import EvalConfig
 from sidpipe.tasks.training.metrics import by_bucket, popularity_buckets, ranking_metrics
 
@@ -24,42 +25,50 @@ TOP = 10
 
 
 def rank_targets(
-    rec: Recommender, examples: Examples, rows: np.ndarray, config: EvalConfig
+    rec: Recommender,
+    examples: Examples,
+    rows: np.ndarray,
+    config: EvalConfig,
+    label: str = "rank",
 ) -> tuple[np.ndarray, np.ndarray]:
     """0-based rank of each row's target (-1: not in the top `beams`) and the top 10 items."""
     ranks = np.full(len(rows), -1, np.int64)
     top = np.full((len(rows), TOP), -1, np.int64)
-    for start in range(0, len(rows), config.batch_size):
-        chunk = examples.rows(rows[start : start + config.batch_size])
-        where = slice(start, start + len(chunk))
-        if rec.ranking == "score":
-            scores = rec.score(chunk)
-            target = scores[torch.arange(len(chunk)), torch.from_numpy(chunk.target)]
-            ranks[where] = ((scores >= target[:, None]).sum(1) - 1).numpy()
-            top[where] = scores.topk(TOP, dim=1).indices.numpy()
-            continue
-        items, _ = rec.generate(chunk, config.beams)
-        hit = items == chunk.target[:, None]
-        ranks[where] = np.where(hit.any(1), hit.argmax(1), -1)
-        top[where] = items[:, :TOP]
+    with Progress(label, total=len(rows), unit="users", artifact=False) as bar:
+        for start in range(0, len(rows), config.batch_size):
+            chunk = examples.rows(rows[start : start + config.batch_size])
+            where = slice(start, start + len(chunk))
+            if rec.ranking == "score":
+                scores = rec.score(chunk)
+                target = scores[torch.arange(len(chunk)), torch.from_numpy(chunk.target)]
+                ranks[where] = ((scores >= target[:, None]).sum(1) - 1).numpy()
+                top[where] = scores.topk(TOP, dim=1).indices.numpy()
+            else:
+                items, _ = rec.generate(chunk, config.beams)
+                hit = items == chunk.target[:, None]
+                ranks[where] = np.where(hit.any(1), hit.argmax(1), -1)
+                top[where] = items[:, :TOP]
+            bar.advance(len(chunk))
     return ranks, top
 
 
 def validation_metrics(
     rec: Recommender, examples: Examples, rows: np.ndarray, config: EvalConfig
 ) -> dict[str, float]:
-    ranks, _ = rank_targets(rec, examples, rows, config)
+    ranks, _ = rank_targets(rec, examples, rows, config, "validation")
     return ranking_metrics(ranks)
 
 
 def invalid_rate(rec: Recommender, examples: Examples, config: EvalConfig) -> dict[str, float]:
     """Share of unconstrained decoding's top 10 (and top 1) that names no catalog item."""
     invalid = top1 = 0
-    for start in range(0, len(examples), config.batch_size):
-        chunk = examples.rows(np.arange(start, min(start + config.batch_size, len(examples))))
-        items, _ = rec.generate(chunk, config.beams, constrained=False)
-        invalid += int((items[:, :TOP] < 0).sum())
-        top1 += int((items[:, 0] < 0).sum())
+    with Progress("decode without the trie", len(examples), "users", artifact=False) as bar:
+        for start in range(0, len(examples), config.batch_size):
+            chunk = examples.rows(np.arange(start, min(start + config.batch_size, len(examples))))
+            items, _ = rec.generate(chunk, config.beams, constrained=False)
+            invalid += int((items[:, :TOP] < 0).sum())
+            top1 += int((items[:, 0] < 0).sum())
+            bar.advance(len(chunk))
     return {
         "invalid_rate": invalid / max(len(examples) * TOP, 1),
         "invalid_rate_top1": top1 / max(len(examples), 1),
@@ -98,7 +107,7 @@ def evaluate_ranking(
     predictions they were computed from."""
     rows = np.arange(len(test))
     started = time.perf_counter()
-    ranks, top = rank_targets(rec, test, rows, config)
+    ranks, top = rank_targets(rec, test, rows, config, "test ranking")
     metrics: dict = {**ranking_metrics(ranks), "users": len(rows)}
     metrics["eval_seconds"] = time.perf_counter() - started
     buckets = popularity_buckets(popularity)[test.target]

@@ -23,6 +23,7 @@ import torch
 
 from sidpipe.errors import ConfigError
 from sidpipe.models.recommender import Batches, Recommender, autocast
+from sidpipe.progress import Progress, duration
 from sidpipe.tasks.training.config import LoopConfig, TrainConfig
 
 log = logging.getLogger(__name__)
@@ -59,15 +60,25 @@ def cosine_with_warmup(step: int, warmup: int, total: int, clock: float = 0.0) -
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _epoch_status(bar: Progress, epoch: int, epochs: int, steps: int, losses: list) -> str:
+    """`epoch 2/6 ETA 1m10s, loss 5.2301` (the loss: mean of the last 50 steps). Reads the
+    progress bar's own clock, never the loop's (the budget's clock must see only training)."""
+    left = duration((steps - len(losses)) / max(bar.rate(), 1e-9))  # losses: this epoch's
+    return f"epoch {epoch}/{epochs} ETA {left}, loss {np.mean(losses[-50:]):.4f}"
+
+
 def train(
     rec: Recommender,
     batches: Batches,
     validate: Callable[[], dict[str, float]],
     config: LoopConfig,
     progress: Callable[[int, int, dict], None] | None = None,
+    label: str = "train",
 ) -> list[dict]:
     """Train `rec` in place; returns the learning curve (one row per epoch). `validate()`
-    gives the validation metrics of the model as it stands; the best one's weights are kept."""
+    gives the validation metrics of the model as it stands; the best one's weights are kept.
+    Progress: steps of all epochs, with the epoch, its ETA and the running loss;
+    `progress(epoch, epochs, row)` after each epoch."""
     model, device = rec.module, rec.device
     budget = config.time_limit_minutes * 60 if config.time_limit_minutes else math.inf
     clock = {"used": 0.0}  # cosine-budget: the share of the time limit used, every step
@@ -87,56 +98,60 @@ def train(
     train_costs: list[float] = []
     best, best_state, waited = -1.0, None, 0
     training_started = time.perf_counter()
-    for epoch in range(1, config.epochs + 1):
-        model.train()
-        started, losses = time.perf_counter(), []
-        for batch in batches.epoch():
-            with autocast(device):
-                loss = rec.loss(tuple(t.to(device) for t in batch))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            if config.lr_schedule == "cosine-budget":
-                clock["used"] = (time.perf_counter() - training_started) / budget
-            schedule.step()
-            losses.append(loss.item())
-            if time.perf_counter() - training_started >= budget:
-                break  # an epoch longer than the whole budget is cut where it ends
-        row = {
-            "epoch": epoch,
-            "loss": float(np.mean(losses)),
-            "seconds": time.perf_counter() - started,
-            "steps": len(losses),
-        }
-        # Stop (validating here) when the budget is spent or another epoch would not fit.
-        train_costs.append(row["seconds"])
-        spent = time.perf_counter() - training_started
-        out_of_time = spent + float(np.mean(train_costs)) > budget
-        if len(losses) < batches.steps_per_epoch:
-            row["cut_short"] = True
-        if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
-            row.update({f"valid_{k}": v for k, v in validate().items()})
-            if row[f"valid_{VALIDATION_METRIC}"] > best:
-                best, waited = row[f"valid_{VALIDATION_METRIC}"], 0
-                best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
-                row["best"] = True
-            else:
-                waited += 1
-        history.append(row)
-        if progress is not None:
-            progress(epoch, config.epochs, row)
-        if waited >= config.patience:
-            log.info(
-                "early stop at epoch %d: no better validation %s in %d checks",
-                epoch,
-                VALIDATION_METRIC,
-                waited,
-            )
-            break
-        if out_of_time:
-            log.info("stopped at epoch %d: time limit of %.0f min", epoch, budget / 60)
-            break
+    with Progress(label, total=total, unit="steps") as bar:
+        for epoch in range(1, config.epochs + 1):
+            model.train()
+            started, losses = time.perf_counter(), []
+            for batch in batches.epoch():
+                with autocast(device):
+                    loss = rec.loss(tuple(t.to(device) for t in batch))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
+                if config.lr_schedule == "cosine-budget":
+                    clock["used"] = (time.perf_counter() - training_started) / budget
+                schedule.step()
+                losses.append(loss.item())
+                bar.advance(
+                    status=_epoch_status(bar, epoch, config.epochs, batches.steps_per_epoch, losses)
+                )
+                if time.perf_counter() - training_started >= budget:
+                    break  # an epoch longer than the whole budget is cut where it ends
+            row = {
+                "epoch": epoch,
+                "loss": float(np.mean(losses)),
+                "seconds": time.perf_counter() - started,
+                "steps": len(losses),
+            }
+            # Stop (validating here) when the budget is spent or another epoch would not fit.
+            train_costs.append(row["seconds"])
+            spent = time.perf_counter() - training_started
+            out_of_time = spent + float(np.mean(train_costs)) > budget
+            if len(losses) < batches.steps_per_epoch:
+                row["cut_short"] = True
+            if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
+                row.update({f"valid_{k}": v for k, v in validate().items()})
+                if row[f"valid_{VALIDATION_METRIC}"] > best:
+                    best, waited = row[f"valid_{VALIDATION_METRIC}"], 0
+                    best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
+                    row["best"] = True
+                else:
+                    waited += 1
+            history.append(row)
+            if progress is not None:
+                progress(epoch, config.epochs, row)
+            if waited >= config.patience:
+                log.info(
+                    "early stop at epoch %d: no better validation %s in %d checks",
+                    epoch,
+                    VALIDATION_METRIC,
+                    waited,
+                )
+                break
+            if out_of_time:
+                log.info("stopped at epoch %d: time limit of %.0f min", epoch, budget / 60)
+                break
     if best_state is not None:
         model.load_state_dict(best_state)
     return history

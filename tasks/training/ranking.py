@@ -37,14 +37,11 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def _progress(flow: str, config: TrainConfig):
-    from prefect.artifacts import create_progress_artifact, update_progress_artifact
-
+def _epoch_lines(config: TrainConfig):
+    """One log line per finished epoch (the steps' progress comes from the training loop)."""
     logger = get_run_logger()
-    artifact = create_progress_artifact(0.0, description=f"training {config.name}: epochs done")
 
     def report(epoch: int, epochs: int, row: dict) -> None:
-        update_progress_artifact(artifact, 100.0 * epoch / epochs)
         valid = f", valid NDCG@10 {row['valid_ndcg@10']:.4f}" if "valid_ndcg@10" in row else ""
         logger.info(
             "epoch %d/%d: loss %.4f in %.1fs%s", epoch, epochs, row["loss"], row["seconds"], valid
@@ -64,8 +61,19 @@ class Trained:
 
 def train_model(store: ArtifactStore, config: TrainConfig, progress=None) -> Trained:
     """Load the data, build the configured model and train it (the best weights kept)."""
+    started = time.perf_counter()
+    log.info(
+        "prepare: reading %s's published SIDs and %s", config.data.catalog, config.data.interactions
+    )
     training = load_training_data(store, config.data)
     data = training.data
+    log.info(
+        "prepare: %s users, %s items read in %.1fs; building %s",
+        f"{len(data.users):,}",
+        f"{data.n_items:,}",
+        time.perf_counter() - started,
+        config.model.kind,
+    )
     seed_everything(config)
     device = pick_device(config)
     rec = build(config, training)
@@ -94,6 +102,7 @@ def train_model(store: ArtifactStore, config: TrainConfig, progress=None) -> Tra
         lambda: validation_metrics(rec, valid, valid_rows, config.eval),
         config.loop,
         progress,
+        f"train {config.name}",
     )
     seconds = time.perf_counter() - started
     return Trained(rec, training, history, batches.steps_per_epoch, seconds)
@@ -112,7 +121,7 @@ def evaluate_run(store: ArtifactStore, flow: str, run_id: str, device=None) -> t
 
 @task(name="train-recommender", cache_policy=NO_CACHE)
 def train_task(store: ArtifactStore, config: TrainConfig, flow: str, run_id: str) -> dict:
-    trained = train_model(store, config, _progress(flow, config))
+    trained = train_model(store, config, _epoch_lines(config))
     save_checkpoint(store, flow, run_id, config, trained.training, trained.rec, trained.history)
     best = [row["epoch"] for row in trained.history if row.get("best")]
     return {

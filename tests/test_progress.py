@@ -1,0 +1,103 @@
+"""Progress: periodic lines when piped, a bar in a terminal, an artifact in a Prefect run."""
+
+from __future__ import annotations
+
+import io
+import logging
+import re
+import time
+
+import pytest
+from rich.console import Console
+
+from sidpipe import progress as progress_module
+from sidpipe.progress import Progress, duration
+
+
+def progress_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "sidpipe.progress"]
+
+
+def test_piped_output_is_a_line_every_interval_with_count_rate_and_eta(monkeypatch, caplog):
+    monkeypatch.setenv("SIDPIPE_PROGRESS", "log")
+    monkeypatch.setenv("SIDPIPE_PROGRESS_SECONDS", "0.5")
+    caplog.set_level(logging.INFO, logger="sidpipe.progress")
+    with Progress("embed shard 0", total=40, unit="items") as bar:
+        for _ in range(4):
+            time.sleep(0.4)
+            bar.advance(10, status="2 failed")
+    lines = progress_lines(caplog)
+    periodic = lines[:-1]
+    assert len(periodic) >= 2, lines  # 1.6 s of work at one line per 0.5 s
+    assert all(
+        re.fullmatch(r"embed shard 0: \d+/40 items \(\d+%\), [\d.]+ items/s.*", line)
+        for line in periodic
+    ), periodic
+    assert any("ETA" in line and line.endswith("2 failed") for line in periodic), periodic
+    assert re.fullmatch(r"embed shard 0: 40 items in [12]s \([\d.]+ items/s\), 2 failed", lines[-1])
+
+
+def test_a_long_batch_still_gets_lines(monkeypatch, caplog):
+    """The line comes from a timer, not from the work: one slow batch is not silence."""
+    monkeypatch.setenv("SIDPIPE_PROGRESS", "log")
+    monkeypatch.setenv("SIDPIPE_PROGRESS_SECONDS", "0.5")
+    caplog.set_level(logging.INFO, logger="sidpipe.progress")
+    with Progress("fit rqvae", total=None, unit="steps"):
+        time.sleep(1.3)
+    lines = progress_lines(caplog)
+    assert sum(line.startswith("fit rqvae: 0 steps,") for line in lines) >= 2, lines
+
+
+def test_no_or_quick_work_shows_nothing_and_a_failure_says_where_it_stopped(monkeypatch, caplog):
+    monkeypatch.setenv("SIDPIPE_PROGRESS", "log")
+    caplog.set_level(logging.INFO, logger="sidpipe.progress")
+    with Progress("embed shard 1", total=0):
+        pass
+    with Progress("assign: encode", total=1000) as bar:
+        bar.advance(1000)
+    assert progress_lines(caplog) == []
+    with pytest.raises(RuntimeError), Progress("embed shard 2", total=10) as bar:
+        bar.advance(3)
+        raise RuntimeError("boom")
+    assert progress_lines(caplog)[-1].startswith("embed shard 2: stopped after 0s (3/10 items")
+
+
+def test_in_a_terminal_a_bar_is_drawn_and_replaced_by_one_line(monkeypatch, caplog):
+    screen = io.StringIO()
+    monkeypatch.setenv("SIDPIPE_PROGRESS", "bar")
+    monkeypatch.setattr(
+        progress_module, "_console", lambda: Console(file=screen, force_terminal=True, width=120)
+    )
+    caplog.set_level(logging.INFO, logger="sidpipe.progress")
+    with Progress("train cpu-small", total=5, unit="steps") as bar:
+        for _ in range(5):
+            bar.advance(status="epoch 1/1 ETA 0s, loss 1.0000")
+            time.sleep(0.3)  # rich redraws 10 times a second
+    assert "train cpu-small" in screen.getvalue()
+    assert "5/5" in screen.getvalue()
+    assert progress_lines(caplog)[-1].startswith("train cpu-small: 5 steps in ")
+
+
+def test_inside_a_prefect_run_an_artifact_follows_the_work(prefect_api, monkeypatch):
+    from prefect import flow
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+
+    monkeypatch.setenv("SIDPIPE_PROGRESS", "log")
+
+    @flow
+    def work() -> None:
+        with Progress("assign: encode", total=3) as bar:
+            bar.advance(3)
+
+    work()
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts(
+            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+        )
+    mine = [a for a in artifacts if (a.description or "").startswith("assign: encode")]
+    assert mine and mine[-1].data == 100.0
+
+
+def test_durations_read_at_a_glance():
+    assert [duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]
