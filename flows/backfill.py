@@ -19,7 +19,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.runtime import flow_run
 
 from sidpipe.config import PipelineConfig, load_config
-from sidpipe.errors import BackfillError, ConfigError
+from sidpipe.errors import (
+    BackfillError,
+    ConfigError,
+    DeploymentNotFound,
+    PrefectServerUnavailable,
+)
 from sidpipe.flows.clean_failures import fail_cleanly
 from sidpipe.flows.nightly import nightly_tokenization
 
@@ -50,10 +55,29 @@ def without_secrets(overrides: dict | None) -> dict:
     return cleaned
 
 
+def run_deployment(name: str, **options):
+    """Prefect's run_deployment, with a missing deployment or server as one clear error."""
+    import os
+
+    import httpx
+    from prefect.deployments import run_deployment as start
+    from prefect.exceptions import ObjectNotFound
+
+    try:
+        return start(name, **options)
+    except ObjectNotFound:
+        raise DeploymentNotFound(
+            f"the Prefect server at {os.environ.get('PREFECT_API_URL', '?')} has no deployment "
+            f"{name}"
+        ) from None
+    except httpx.HTTPError as exc:
+        raise PrefectServerUnavailable(
+            f"cannot reach the Prefect server at {os.environ.get('PREFECT_API_URL', '?')}: {exc}"
+        ) from None
+
+
 def submit_backfill(start: date, end: date, deployment: str | None, overrides: dict):
     """Start the server's backfill deployment for the range and return its flow run at once."""
-    from prefect.deployments import run_deployment
-
     parameters = {"start": start.isoformat(), "end": end.isoformat()}
     if deployment:
         parameters["deployment"] = deployment
@@ -85,8 +109,6 @@ def backfill(
     results: list[dict] = []
     for day in days:
         if deployment:
-            from prefect.deployments import run_deployment
-
             parameters: dict = {"run_date": day.isoformat()}
             if overrides:
                 parameters["config"] = overrides

@@ -81,6 +81,30 @@ def sid_quality(codes: np.ndarray, codebook_sizes: list[int]) -> dict:
     }
 
 
+def quality_warnings(quality: dict, min_distinct_rate: float, max_bucket: int) -> list[str]:
+    """What is poor about a SID table's codes (before the collision suffix), in words."""
+    before = quality.get("collisions", {}).get("before", quality)
+    warnings = []
+    if before["distinct_tuple_rate"] < min_distinct_rate:
+        warnings.append(
+            f"only {before['distinct_tuple_rate']:.0%} of items have a code tuple of their own "
+            f"(warning below {min_distinct_rate:.0%}, tokenizer.warn_distinct_tuple_rate)"
+        )
+    if before["max_bucket"] > max_bucket:
+        warnings.append(
+            f"{before['max_bucket']} items share one code tuple (warning above {max_bucket}, "
+            "tokenizer.warn_max_bucket)"
+        )
+    if warnings:
+        sizes = "/".join(str(level["codebook_size"]) for level in quality["levels"])
+        warnings.append(
+            f"the suffix, not the codes, tells these items apart: with codebooks {sizes}, refit "
+            "with larger tokenizer.codebook_sizes, another tokenizer.method or more items "
+            "(sidpipe run --refit)"
+        )
+    return warnings
+
+
 def quality_markdown(quality: dict) -> str:
     """The quality report as a short markdown table (Prefect artifact, CLI)."""
     lines = [
@@ -135,4 +159,8 @@ def quality_markdown(quality: dict) -> str:
         )
     if quality.get("sizing_message"):
         lines.append(f"- sizing: {quality['sizing_message']}")
+    for note in quality.get("notes", []):
+        lines.append(f"- {note}")
+    for warning in quality.get("warnings", []):
+        lines.append(f"- **warning**: {warning}")
     return "\n".join(lines)

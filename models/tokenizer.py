@@ -155,7 +155,7 @@ def read_embeddings_parquet(data: bytes) -> tuple[list[str], list[Any]]:
     try:
         table = pq.read_table(io.BytesIO(data))
     except Exception as exc:  # noqa: BLE001 - any reader error: one clear message
-        raise EmbeddingInputError(f"the embeddings file is not readable Parquet: {exc}") from None
+        raise EmbeddingInputError(f"not a readable Parquet file: {exc}") from None
     missing = {"item_id", "embedding"} - set(table.column_names)
     if missing:
         raise EmbeddingInputError(

@@ -145,6 +145,19 @@ class TokenizerConfig(_Section):
     min_distinct_tuple_rate: float = Field(
         default=0.0, ge=0, le=1, description="Quality gate on distinct code tuples per item."
     )
+    warn_distinct_tuple_rate: float = Field(
+        default=0.6,
+        ge=0,
+        le=1,
+        description="Warn (run summary, manifest, quality report) while fewer items than this "
+        "share have a code tuple of their own before the collision suffix.",
+    )
+    warn_max_bucket: int = Field(
+        default=10,
+        ge=1,
+        description="Warn while more items than this share one code tuple (the suffix then "
+        "carries their identity).",
+    )
 
     codebook_sizes: list[int] = Field(
         default=[4096, 2048, 1024],
@@ -326,8 +339,36 @@ def chosen_settings(path: str | Path | None = None, **overrides: Any) -> dict:
     return deep_merge(read_yaml(path) if path is not None else {}, chosen)
 
 
+def _env_not_json() -> ConfigError | None:
+    """The SIDPIPE_* variable whose setting is a list or mapping but whose value is not JSON."""
+    import json
+    import os
+    import typing
+
+    for name, value in sorted(os.environ.items()):
+        section, _, key = name.removeprefix("SIDPIPE_").lower().partition("_")
+        if not name.startswith("SIDPIPE_") or section not in PipelineConfig.model_fields:
+            continue
+        model = PipelineConfig.model_fields[section].annotation
+        field = getattr(model, "model_fields", {}).get(key)
+        if field is None or typing.get_origin(field.annotation) not in (list, dict):
+            continue
+        try:
+            json.loads(value)
+        except ValueError:
+            example = "[256, 256, 256]" if typing.get_origin(field.annotation) is list else "{}"
+            return ConfigError(
+                f"{name}={value!r} is not JSON",
+                hint=f"list and mapping settings are JSON in the environment, e.g. "
+                f"{name}='{example}'",
+            )
+    return None
+
+
 def load_config(path: str | Path | None = None, **overrides: Any) -> PipelineConfig:
     """Build the config from defaults < YAML file < SIDPIPE_* env < keyword overrides."""
+    if (problem := _env_not_json()) is not None:
+        raise problem
     try:
         env = EnvSettingsSource(PipelineConfig)()
         layers = deep_merge(read_yaml(path) if path is not None else {}, env)

@@ -122,6 +122,20 @@ class EndpointUnavailableError(SidpipeError, RuntimeError):
     hint = "check the server's URL and that it serves the configured model (GET <url>/models)"
 
 
+class DeploymentNotFound(SidpipeError, LookupError):
+    """The Prefect server has no such deployment."""
+
+    exit_code = EXIT_UNAVAILABLE
+    hint = "deploy sidpipe's flows there first: PREFECT_API_URL=... sidpipe bootstrap --deploy"
+
+
+class PrefectServerUnavailable(SidpipeError, RuntimeError):
+    """PREFECT_API_URL names a server that does not answer."""
+
+    exit_code = EXIT_UNAVAILABLE
+    hint = "start the server (prefect server start) or fix PREFECT_API_URL"
+
+
 class StoreError(SidpipeError, RuntimeError):
     """The artifact store could not be read or written."""
 

@@ -78,6 +78,8 @@ class Manifest(BaseModel):
     stages: dict[str, StageStats]
     files: dict[str, FileEntry] = Field(default_factory=dict)
     attempts: int = 1
+    warnings: list[str] = Field(default_factory=list)  # poor SID quality, every run until fixed
+    notes: list[str] = Field(default_factory=list)  # what a reader should know (e.g. a no-op refit)
 
 
 class RunRecord(BaseModel):

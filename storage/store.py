@@ -27,6 +27,16 @@ from fsspec.implementations.local import LocalFileSystem
 from sidpipe.errors import StoreError
 
 
+def _file_mode() -> int:
+    """0666 less the process's umask (read once, at import: os.umask is process-wide)."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
     return isinstance(fs, LocalFileSystem)
 
@@ -121,6 +131,9 @@ class ArtifactStore:
                 os.makedirs(directory, exist_ok=True)
                 fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
                 try:
+                    # mkstemp makes the file 0600; a published file gets what the umask allows
+                    # (0644 under the usual 022), like any file the user writes.
+                    os.fchmod(fd, FILE_MODE)
                     with os.fdopen(fd, "wb") as handle:
                         handle.write(data)
                         handle.flush()
@@ -163,6 +176,19 @@ class ArtifactStore:
 
     def __repr__(self) -> str:
         return f"ArtifactStore({self.root_uri!r})"
+
+
+def existing_store(uri: str) -> ArtifactStore:
+    """A store to read from: a root that does not exist is a mistyped URI, not an empty store."""
+    store = ArtifactStore(uri)
+    with store._backend("read"):
+        found = store.fs.exists(store.root)
+    if not found:
+        raise StoreError(
+            f"no artifact store at {uri}",
+            hint="check --store (or SIDPIPE_STORE); `sidpipe run --store URI` creates a store",
+        )
+    return store
 
 
 def _reopen(root: str, options: dict) -> ArtifactStore:

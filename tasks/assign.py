@@ -17,12 +17,17 @@ from prefect.artifacts import create_markdown_artifact
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
 from sidpipe.models.sid_table import assign_sids, drift_report, table_quality
-from sidpipe.models.sids import codebook_tokens, quality_markdown, suffix_tokens
+from sidpipe.models.sids import (
+    codebook_tokens,
+    quality_markdown,
+    quality_warnings,
+    suffix_tokens,
+)
 from sidpipe.storage.layout import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_FILE, staging_dir
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.published import latest_published, read_published_table
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.fitting import load_tokenizer
+from sidpipe.tasks.fitting import encode, load_tokenizer
 from sidpipe.tasks.report import quality_png
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
@@ -52,7 +57,7 @@ def assign_stage(
         keep = [i for i, item_id in enumerate(item_ids) if item_id not in rejected]
         item_ids, x = [item_ids[i] for i in keep], x[keep]
     tokenizer, _ = load_tokenizer(store, fit.tokenizer_id)
-    codes = tokenizer.encode(x)
+    codes = encode(tokenizer, x, "assign: encode")
     previous_run = latest_published(store, run.catalog, not_after=run.run_date)
     previous = None
     if previous_run is not None and "sids" in previous_run.files:
@@ -84,12 +89,20 @@ def assign_stage(
         "encoded_this_run": stats["encoded"],
         "sizing_message": fit.sizing_message,
     }
-    if (
-        previous is not None
-        and previous.num_rows
-        and previous["tokenizer_id"][0].as_py() != fit.tokenizer_id
-    ):
-        quality["drift"] = drift_report(previous, table)
+    if previous is not None and previous.num_rows:
+        if previous["tokenizer_id"][0].as_py() != fit.tokenizer_id or fit.unchanged:
+            quality["drift"] = drift_report(previous, table)  # zero for an unchanged refit
+    quality["notes"] = []
+    if fit.unchanged:
+        changed = quality.get("drift", {}).get("sid_changed", 0.0)
+        quality["notes"].append(
+            f"refit: settings and embeddings are unchanged, so the fit reproduced the pinned "
+            f"tokenizer {fit.tokenizer_id} (SID drift {changed:.1%}); change tokenizer settings "
+            "for a new version"
+        )
+    quality["warnings"] = quality_warnings(
+        quality, config.warn_distinct_tuple_rate, config.warn_max_bucket
+    )
 
     staging = staging_dir(run.run_id)
     store.write_parquet(table, *staging, SIDS_FILE)
@@ -136,4 +149,6 @@ def assign_task(
         outcome.stats.computed,
         100 * outcome.quality["distinct_tuple_rate"],
     )
+    for warning in outcome.quality["warnings"]:
+        get_run_logger().warning("SID quality: %s", warning)
     return outcome

@@ -16,12 +16,13 @@ from __future__ import annotations
 import logging
 import time
 
-from prefect import get_run_logger, task
+from prefect import task
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
 from sidpipe.errors import TokenizerMismatchError
 from sidpipe.models.tokenizer import screen_embeddings
 from sidpipe.storage.hashing import hash_strings
+from sidpipe.storage.layout import TOKENIZER_CONFIG, tokenizer_dir
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.registry import TokenizerVersion, read_registry
 from sidpipe.storage.store import ArtifactStore
@@ -73,7 +74,7 @@ def _pinned_outcome(
 
 
 def fit_stage(
-    store: ArtifactStore, run: RunInfo, embed: StageOutcome, config: TokenizerConfig, progress=None
+    store: ArtifactStore, run: RunInfo, embed: StageOutcome, config: TokenizerConfig
 ) -> FitOutcome:
     started = time.perf_counter()
     item_ids, hashes, x = stage_matrix(store, run, embed, "embedding")
@@ -86,7 +87,13 @@ def fit_stage(
         stats = StageStats(
             cached=len(keep), failed=len(rejects), seconds=time.perf_counter() - started
         )
-        return _pinned_outcome(pinned, embed, config, errors=errors, stats=stats)
+        # The pinned tokenizer's sizing note stays true for as long as it is pinned.
+        sizing = store.read_json(*tokenizer_dir(pinned.tokenizer_id), TOKENIZER_CONFIG).get(
+            "sizing_message"
+        )
+        return _pinned_outcome(
+            pinned, embed, config, errors=errors, stats=stats, sizing_message=sizing
+        )
 
     fitted = fit_and_store(
         store,
@@ -95,11 +102,16 @@ def fit_stage(
         embed=embed.model | {"key": embed.key},
         data_hash=hash_strings([hashes[i] for i in keep]),
         trained_on={"run_id": run.run_id, "catalog": run.catalog},
-        progress=progress,
     )
     seconds = time.perf_counter() - started
     done = {"computed" if fitted.trained else "cached": len(keep)}
     parent = pinned.tokenizer_id if pinned is not None else None
+    if parent == fitted.tokenizer_id:
+        log.info(
+            "fit: refit asked, but settings and embeddings are unchanged: it reproduced the "
+            "pinned tokenizer %s",
+            parent,
+        )
     return FitOutcome(
         stage="fit",
         key=fitted.tokenizer_id,
@@ -112,6 +124,7 @@ def fit_stage(
         fitted=True,
         embed_key=embed.key,
         parent=parent,
+        unchanged=parent == fitted.tokenizer_id,
         model={
             "name": config.method,
             "tokenizer_id": fitted.tokenizer_id,
@@ -128,16 +141,4 @@ def fit_stage(
 def fit_task(
     store: ArtifactStore, config: PipelineConfig, run: RunInfo, embed: StageOutcome
 ) -> FitOutcome:
-    logger = get_run_logger()
-
-    def progress(epoch: int, epochs: int, losses: dict[str, float]) -> None:
-        if epoch == epochs or epoch % max(1, epochs // 5) == 0:
-            logger.info(
-                "fit: epoch %d/%d, loss %.4f (reconstruction %.4f)",
-                epoch,
-                epochs,
-                losses.get("total", 0.0),
-                losses.get("reconstruction", 0.0),
-            )
-
-    return fit_stage(store, run, embed, config.tokenizer, progress)
+    return fit_stage(store, run, embed, config.tokenizer)

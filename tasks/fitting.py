@@ -15,7 +15,6 @@ that shapes the fit (including the seed). Fitting the same thing twice finds the
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -31,6 +30,7 @@ from sidpipe.models.tokenizer import (
     save_tokenizer,
     size_codebooks,
 )
+from sidpipe.progress import Progress
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.layout import (
     FIT_REPORT,
@@ -53,6 +53,8 @@ LIFECYCLE_SETTINGS = {
     "small_catalog",
     "min_level1_utilization",
     "min_distinct_tuple_rate",
+    "warn_distinct_tuple_rate",
+    "warn_max_bucket",
 }
 
 
@@ -93,6 +95,19 @@ def load_tokenizer(
     return load_tokenizer_state(weights, config["model"]), config
 
 
+ENCODE_CHUNK = 65536  # rows per progress step; a multiple of every tokenizer's own batch size
+
+
+def encode(tokenizer: Tokenizer, x: np.ndarray, label: str = "encode") -> np.ndarray:
+    """`tokenizer.encode(x)` with progress; the same codes (the same batches are formed)."""
+    out = []
+    with Progress(label, total=len(x), unit="items") as bar:
+        for start in range(0, len(x), ENCODE_CHUNK):
+            out.append(tokenizer.encode(x[start : start + ENCODE_CHUNK]))
+            bar.advance(len(out[-1]))
+    return np.concatenate(out) if out else tokenizer.encode(x)
+
+
 def fit_and_store(
     store: ArtifactStore,
     x: np.ndarray,
@@ -102,7 +117,6 @@ def fit_and_store(
     data_hash: str,
     trained_on: dict,
     folder: tuple[str, ...] | None = None,
-    progress: Callable[[int, int, dict], None] | None = None,
 ) -> FittedTokenizer:
     """Fit a tokenizer on x [N, D] (or find the identical one already stored), check its quality
     gates, and store it in `folder` (default: `tokenizers/<tokenizer_id>/`).
@@ -135,8 +149,14 @@ def fit_and_store(
             return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, False, {})
 
     log.info("fit: training %s on %d items, codebooks %s", tokenizer_id, len(x), sizes)
-    tokenizer, report = fit_tokenizer(x, sizes, config, progress)
-    codes = tokenizer.encode(x)
+    with Progress(f"fit {config.method}", total=None, unit="steps") as bar:
+
+        def progress(done: int, total: int, losses: dict[str, float]) -> None:
+            loss = f"loss {losses['total']:.4f}" if "total" in losses else None
+            bar.update(done, status=loss, total=total)
+
+        tokenizer, report = fit_tokenizer(x, sizes, config, progress)
+    codes = encode(tokenizer, x, "fit: encode")
     quality = sid_quality(codes, sizes)
     quality["reconstruction_cosine_by_depth"] = tokenizer.reconstruction_cosine_by_depth(x)
     check_gates(quality, config)

@@ -18,7 +18,12 @@ import uuid
 from pathlib import Path
 
 from sidpipe.config import PipelineConfig
-from sidpipe.errors import CatalogTooSmallError, ConfigError, StoreError
+from sidpipe.errors import (
+    CatalogTooSmallError,
+    ConfigError,
+    EndpointUnavailableError,
+    StoreError,
+)
 from sidpipe.models.openai_client import OpenAICompatClient
 from sidpipe.models.prompts import CAPTION_PROMPTS, INTEREST_PROMPTS
 from sidpipe.storage.catalog_files import peek_catalog, require_item_id
@@ -78,12 +83,16 @@ def check_catalog(store: ArtifactStore, config: PipelineConfig) -> None:
 
 def check_endpoints(config: PipelineConfig) -> None:
     """Every configured model server answers and serves its configured model."""
-    endpoints = [e for e in (config.caption, config.interests, config.embed) if e.urls]
+    stages = {"caption": config.caption, "interests": config.interests, "embed": config.embed}
+    endpoints = {stage: e for stage, e in stages.items() if e.urls}
 
     async def check_all() -> None:
-        for endpoint in endpoints:
+        for stage, endpoint in endpoints.items():
             async with OpenAICompatClient(endpoint) as client:
-                await client.health_check()
+                try:
+                    await client.health_check()
+                except EndpointUnavailableError as exc:
+                    raise EndpointUnavailableError(f"{stage} server {exc.message}") from None
 
     if endpoints:
         asyncio.run(check_all())

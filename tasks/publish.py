@@ -143,6 +143,8 @@ def publish_stage(
         counts=counts,
         stages={name: s.stats for name, s in by_name.items()},
         attempts=run.attempt,
+        warnings=assign.quality.get("warnings", []),
+        notes=assign.quality.get("notes", []),
     )
     sids, cat = sids_dir(run.catalog, run.run_date), catalog_dir(run.catalog, run.run_date)
     items_rows = store.read_parquet(*staging, ITEMS_FILE, columns=["item_id"]).num_rows

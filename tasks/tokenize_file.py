@@ -21,7 +21,7 @@ import pyarrow as pa
 from sidpipe.config import TokenizerConfig
 from sidpipe.errors import EmbeddingInputError
 from sidpipe.models.sid_table import assign_sids, table_quality
-from sidpipe.models.sids import codebook_tokens, quality_markdown, suffix_tokens
+from sidpipe.models.sids import codebook_tokens, quality_markdown, quality_warnings, suffix_tokens
 from sidpipe.models.tokenizer import read_embeddings_parquet, screen_embeddings, stack_embeddings
 from sidpipe.storage.hashing import hash_strings, sha256_bytes
 from sidpipe.storage.layout import (
@@ -34,23 +34,24 @@ from sidpipe.storage.layout import (
 )
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore, open_filesystem
-from sidpipe.tasks.fitting import fit_and_store
+from sidpipe.tasks.fitting import encode, fit_and_store
 from sidpipe.tasks.report import quality_png
 
 log = logging.getLogger(__name__)
 TOKENIZER_FOLDER = ("tokenizer",)
 
 
-def tokenize_file(
-    embeddings_uri: str, out_uri: str, config: TokenizerConfig, progress=None
-) -> dict:
+def tokenize_file(embeddings_uri: str, out_uri: str, config: TokenizerConfig) -> dict:
     """Fit, assign and write everything under `out_uri`; returns the quality report."""
     fs, path = open_filesystem(embeddings_uri)
     try:
         data = fs.cat_file(path)
     except FileNotFoundError:
         raise EmbeddingInputError(f"embeddings file not found: {embeddings_uri}") from None
-    ids, vectors = read_embeddings_parquet(data)
+    try:
+        ids, vectors = read_embeddings_parquet(data)
+    except EmbeddingInputError as exc:
+        raise EmbeddingInputError(f"{embeddings_uri}: {exc.message}") from None
     quarantine: list[tuple[str, str]] = []
     seen: set[str] = set()
     unique = []
@@ -78,7 +79,6 @@ def tokenize_file(
         data_hash=hash_strings(ids),
         trained_on={"embeddings": embeddings_uri},
         folder=TOKENIZER_FOLDER,
-        progress=progress,
     )
     tokenizer, sizes = fitted.tokenizer, fitted.codebook_sizes
     ranking = None
@@ -87,7 +87,7 @@ def tokenize_file(
         def ranking(rows):
             return tokenizer.last_level_ranking(x[rows])
 
-    codes = tokenizer.encode(x)
+    codes = encode(tokenizer, x)
     table, stats = assign_sids(
         ids, codes, fitted.tokenizer_id, utcnow().date(), None, None, ranking
     )
@@ -99,6 +99,9 @@ def tokenize_file(
         "quarantined": len(quarantine),
         "fit_seconds": fitted.report.get("seconds"),
     }
+    quality["warnings"] = quality_warnings(
+        quality, config.warn_distinct_tuple_rate, config.warn_max_bucket
+    )
     tokens = codebook_tokens(sizes) + suffix_tokens(len(sizes), quality["max_suffix"])
     out.write_text("\n".join(tokens) + "\n", TOKENS_FILE)
     out.write_parquet(table, SIDS_FILE)

@@ -9,9 +9,10 @@ Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import os
+from typing import Annotated
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperGroup, TyperOption
 
 from sidpipe.cli.render import console, err, print_error
 from sidpipe.errors import SidpipeError
@@ -35,7 +36,22 @@ def prefect_defaults() -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "sidpipe")
+    # sidpipe's log lines outside a flow run (`sidpipe fit`, progress) stay local, silently.
+    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
 
+
+def _flags_show_no_value() -> None:
+    """Typer's help prints `<bool>` after a flag as if it took a value: print nothing there."""
+    shown = TyperOption.display_type_rich
+
+    def display_type_rich(self, ctx):
+        return None if self.is_flag else shown(self, ctx)
+
+    TyperOption.display_type_rich = display_type_rich
+
+
+_flags_show_no_value()
+HELP = {"help_option_names": ["-h", "--help"]}
 
 app = typer.Typer(
     name="sidpipe",
@@ -44,7 +60,29 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    context_settings=HELP,
 )
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from sidpipe import __version__
+
+        console.print(f"sidpipe {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version", "-V", callback=_print_version, is_eager=True, help="Print the version."
+        ),
+    ] = False,
+) -> None:
+    """Turn an item catalog into Semantic IDs (SIDs) for generative recommendation."""
+
 
 from sidpipe.cli import admin, inspect, run, tokenizers, train  # noqa: E402
 

@@ -81,7 +81,7 @@ def inspect(
     Reads only published runs (those with _MANIFEST.json); works on a local folder or s3://."""
     from sidpipe.storage.manifest import run_records
     from sidpipe.storage.published import published_runs, resolve_target
-    from sidpipe.storage.store import ArtifactStore
+    from sidpipe.storage.store import existing_store
 
     for problem, message in (
         (diff and quality, "--diff and --quality do not go together: pick one"),
@@ -91,7 +91,7 @@ def inspect(
     ):
         if problem:
             raise ConfigError(message, hint="sidpipe inspect CATALOG[/DATE] [--diff ...|--quality]")
-    artifact_store = ArtifactStore(store or load_config().store)
+    artifact_store = existing_store(store or load_config().store)
     if target is None:
         print_run_list(
             published_runs(artifact_store), run_records(artifact_store), artifact_store.root_uri

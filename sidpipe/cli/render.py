@@ -90,6 +90,15 @@ def print_run_summary(manifest: dict, seconds: float) -> None:
         f"tokenizer {manifest['tokenizer_id']}; published "
         f"[bold]{sids.rsplit('/', 1)[0]}/[/] in {seconds:.1f}s"
     )
+    print_notes(manifest)
+
+
+def print_notes(manifest: dict) -> None:
+    """A run's notes, then its SID-quality warnings (they repeat every run until a refit)."""
+    for note in manifest.get("notes", []):
+        console.print(f"note: {escape(note)}", soft_wrap=True)
+    for warning in manifest.get("warnings", []):
+        console.print(f"[yellow]warning:[/] {escape(warning)}", soft_wrap=True)
 
 
 def print_manifest(m) -> None:
@@ -103,6 +112,7 @@ def print_manifest(m) -> None:
         f"tokenizer: {m.tokenizer_id}; code: sidpipe {m.code_version.get('sidpipe')} "
         f"{(m.code_version.get('git_commit') or '')[:10]}"
     )
+    print_notes(m.model_dump())
     console.print(stage_table("stages", m.stages))
     files = table("files", ("role", "path", "rows", "bytes"), right=("rows", "bytes"))
     for role, f in m.files.items():

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from sidpipe.cli.options import ConfigOption, StoreOption
-from sidpipe.cli.render import console, err, print_markdown, table
+from sidpipe.cli.render import console, print_markdown, table
 from sidpipe.config import load_config
 
 
@@ -28,6 +28,7 @@ def fit(
     """Tokenize your own embeddings: writes a tokenizer, sids.parquet, a quality report
     (JSON, markdown, PNG) and the rows set aside (quarantine.parquet) under --out."""
     from sidpipe.models.sids import quality_markdown
+    from sidpipe.progress import show_sidpipe_info
     from sidpipe.tasks.tokenize_file import tokenize_file
 
     try:
@@ -36,12 +37,9 @@ def fit(
         sizes = codebooks  # the config's validation names the problem
     settings = {"codebook_sizes": sizes, "method": method, "seed": seed, "collisions": collisions}
     cfg = load_config(config, tokenizer=settings)
+    show_sidpipe_info()  # progress and fit lines on stderr
 
-    def progress(epoch: int, epochs: int, losses: dict) -> None:
-        if epoch == epochs or epoch % max(1, epochs // 10) == 0:
-            err.print(f"epoch {epoch}/{epochs}  loss {losses.get('total', 0):.4f}")
-
-    quality = tokenize_file(embeddings, out, cfg.tokenizer, progress)
+    quality = tokenize_file(embeddings, out, cfg.tokenizer)
     print_markdown(quality_markdown(quality))
     console.print(
         f"wrote tokenizer/, sids.parquet, tokens.txt, quality.json|md|png, quarantine.parquet "
@@ -57,15 +55,23 @@ def tokenizers(
     ] = None,
 ) -> None:
     """List a catalog's tokenizer versions (which one is pinned, drift), or pin one."""
+    from sidpipe.errors import TokenizerNotFound
+    from sidpipe.storage.published import published_runs
     from sidpipe.storage.registry import pin as pin_version
     from sidpipe.storage.registry import read_registry
-    from sidpipe.storage.store import ArtifactStore
+    from sidpipe.storage.store import existing_store
 
-    artifact_store = ArtifactStore(store or load_config().store)
+    artifact_store = existing_store(store or load_config().store)
     if pin:
         pin_version(artifact_store, catalog, pin)
         console.print(f"pinned {pin} for {catalog}; the next run encodes with it")
     registry = read_registry(artifact_store, catalog)
+    if not registry.versions:
+        known = sorted({m.catalog for m in published_runs(artifact_store)})
+        raise TokenizerNotFound(
+            f"catalog {catalog!r} has no tokenizer in {artifact_store.root_uri}",
+            hint=f"catalogs there: {', '.join(known)}" if known else "that store has no catalog",
+        )
     columns = ("tokenizer_id", "pinned", "method", "codebooks", "items", "parent", "SID drift")
     out = table(f"tokenizers of {catalog} in {artifact_store.root_uri}", (*columns, "created"))
     for v in registry.versions:

@@ -10,7 +10,11 @@ import typer
 from sidpipe.cli.options import StoreOption
 from sidpipe.cli.render import console, print_ranking_metrics
 
-app = typer.Typer(help="Training flows that read the published artifacts.", no_args_is_help=True)
+app = typer.Typer(
+    help="Training flows that read the published artifacts.",
+    no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
 
 
 @app.command("genrec")
@@ -65,6 +69,11 @@ def genrec(
         device=device,
         seed=seed,
     )
+    from sidpipe.storage.store import existing_store
+    from sidpipe.tasks.training.data import check_inputs
+
+    check_inputs(existing_store(cfg.store), cfg.data)  # before Prefect's server starts
+
     from sidpipe.flows.train_genrec import train_genrec
     from sidpipe.tasks.training.ranking import metric_rows
 
