@@ -169,8 +169,8 @@ def _quality(store, manifest, save_to: Path | None, open_png: bool, as_json: boo
     else:
         print_markdown(quality_markdown(report))
         console.print(f"quality.png saved to {path}", soft_wrap=True, markup=False)
-    if open_png:
-        typer.launch(str(path))
+    if open_png and typer.launch(str(path)) != 0:
+        console.print(f"no image viewer could be started here; open {path} yourself", markup=False)
 
 
 def register(app: typer.Typer) -> None:
