@@ -94,8 +94,10 @@ class SentenceTransformerEmbedder:
         self, inputs: Sequence[EmbedInput], progress: Callable[[int], None] | None = None
     ) -> tuple[np.ndarray, dict[int, str]]:
         out = np.zeros((len(inputs), self.dim), dtype=np.float32)
-        # One batch per call: progress after each, at no measurable cost to the encoder.
-        chunk = self.batch_size
+        # Chunks of four batches, for progress. The chunk size is part of the result: the encoder
+        # sorts each call's texts by length before batching, and other batches pad differently,
+        # which moves the last bits of a vector. Changing it changes fresh SIDs.
+        chunk = self.batch_size * 4
         for start in range(0, len(inputs), chunk):
             texts = [item.text for item in inputs[start : start + chunk]]
             vectors = self.model.encode(
