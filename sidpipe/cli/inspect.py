@@ -17,6 +17,7 @@ import typer
 from sidpipe.cli.options import StoreOption
 from sidpipe.cli.render import (
     console,
+    err,
     print_diff,
     print_json,
     print_manifest,
@@ -169,8 +170,9 @@ def _quality(store, manifest, save_to: Path | None, open_png: bool, as_json: boo
     else:
         print_markdown(quality_markdown(report))
         console.print(f"quality.png saved to {path}", soft_wrap=True, markup=False)
-    if open_png and typer.launch(str(path)) != 0:
-        console.print(f"no image viewer could be started here; open {path} yourself", markup=False)
+    if open_png and typer.launch(str(path)) not in (0, None):
+        # On stderr: with --json, stdout is the report alone.
+        err.print(f"no image viewer could be started here; open {path} yourself", markup=False)
 
 
 def register(app: typer.Typer) -> None:
