@@ -71,6 +71,7 @@ QUALITY_PNG = "quality.png"
 TOKENS_FILE = "tokens.txt"
 ERRORS_FILE = "errors.parquet"
 ENRICHMENT_FILE = "enrichment.parquet"  # captions and interests, for the training flows
+EMBEDDINGS_FILE = "embeddings.parquet"  # item_id, embedding: the content view training flows use
 QUALITY_MD = "quality.md"  # `sidpipe fit`'s report as markdown
 # A tokenizer's folder:
 TOKENIZER_WEIGHTS = "model.safetensors"
@@ -93,6 +94,7 @@ PUBLISHED_ROLES = {
     "quality_png": f"quality plot ({QUALITY_PNG})",
     "tokens": f"token vocabulary ({TOKENS_FILE})",
     "enrichment": f"captions and interests ({ENRICHMENT_FILE})",
+    "embeddings": f"item embeddings ({EMBEDDINGS_FILE})",
 }
 
 # -- columns -------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from prefect.artifacts import (
 import sidpipe
 from sidpipe.config import PipelineConfig
 from sidpipe.storage.layout import (
+    EMBEDDINGS_FILE,
     ENRICHMENT_FILE,
     ENRICHMENT_SCHEMA,
     ERRORS_FILE,
@@ -46,6 +47,7 @@ from sidpipe.tasks.stage import (
     IngestOutcome,
     RunInfo,
     StageOutcome,
+    stage_matrix,
     stage_values,
 )
 
@@ -73,6 +75,30 @@ def code_version() -> dict:
     except (OSError, subprocess.SubprocessError):
         pass
     return version
+
+
+def embeddings_table(
+    store: ArtifactStore, run: RunInfo, stages: list[StageOutcome], assign: AssignOutcome
+) -> pa.Table:
+    """item_id, embedding (float32) of every item that got a SID: the content the SIDs were
+    made from, for training flows (AKT-Rec's content view, AsymRec's inputs)."""
+    embed = next(s for s in stages if s.stage == "embed")
+    ids, _, x = stage_matrix(store, run, embed, "embedding")
+    assigned = set(
+        store.read_parquet(*staging_dir(run.run_id), SIDS_FILE, columns=["item_id"])[
+            "item_id"
+        ].to_pylist()
+    )
+    keep = [i for i, item_id in enumerate(ids) if item_id in assigned]
+    dim = x.shape[1] if x.ndim == 2 else 0
+    return pa.table(
+        {
+            "item_id": pa.array([ids[i] for i in keep], pa.string()),
+            "embedding": pa.FixedSizeListArray.from_arrays(
+                pa.array(x[keep].reshape(-1), pa.float32()), dim
+            ),
+        }
+    )
 
 
 def enrichment_table(
@@ -153,6 +179,9 @@ def publish_stage(
     if enrichment is not None:
         store.write_parquet(enrichment, *staging, ENRICHMENT_FILE)
         optional["enrichment"] = (ENRICHMENT_FILE, sids, enrichment.num_rows)
+    embeddings = embeddings_table(store, run, stages, assign)
+    store.write_parquet(embeddings, *staging, EMBEDDINGS_FILE)
+    optional["embeddings"] = (EMBEDDINGS_FILE, sids, embeddings.num_rows)
     manifest = publish(
         store,
         manifest,

@@ -24,11 +24,16 @@ for name in list(os.environ):
     if name.startswith("SIDPIPE_"):
         del os.environ[name]  # a developer's own settings must not leak into tests
 
+import gzip  # noqa: E402
+import json  # noqa: E402
+
 import numpy as np  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
 import pytest  # noqa: E402
 
 from sidpipe.config import PipelineConfig, load_config  # noqa: E402
-from sidpipe.data import SAMPLE_CATALOG  # noqa: E402
+from sidpipe.data import SAMPLE_CATALOG, bundled  # noqa: E402
 
 SAMPLE_DIR = Path(SAMPLE_CATALOG).parent
 S3_BUCKET = "sidpipe-test"
@@ -184,3 +189,46 @@ class HashEmbedder:
 @pytest.fixture
 def hash_embedder() -> HashEmbedder:
     return HashEmbedder()
+
+
+# -- a slice of Amazon Beauty, tokenized by the real pipeline (training flows) -------------------
+BEAUTY_SLICE_USERS = 300
+
+
+@pytest.fixture(scope="session")
+def beauty_slice(tmp_path_factory, prefect_api):
+    """The first 300 Beauty users and their items, tokenized (16x16x16 codes) into a store."""
+    from sidpipe.flows.nightly import nightly_tokenization
+
+    folder = tmp_path_factory.mktemp("beauty-slice")
+    interactions = pq.read_table(bundled("amazon-beauty-2014", "interactions.parquet"))
+    users = [str(u) for u in range(1, BEAUTY_SLICE_USERS + 1)]
+    interactions = interactions.filter(
+        pc.is_in(interactions["user_id"], value_set=pc.cast(users, "string"))
+    )
+    pq.write_table(interactions, folder / "interactions.parquet")
+    wanted = set(interactions["item_id"].to_pylist())
+    with (
+        gzip.open(bundled("amazon-beauty-2014", "catalog.jsonl.gz"), "rt") as src,
+        open(folder / "catalog.jsonl", "w") as out,
+    ):
+        for line in src:
+            if json.loads(line)["item_id"] in wanted:
+                out.write(line)
+    store = str(folder / "store")
+    nightly_tokenization(
+        load_config(
+            store=store,
+            catalog={"uri": str(folder / "catalog.jsonl"), "name": "beauty-slice"},
+            tokenizer={
+                "method": "rqkmeans",
+                "codebook_sizes": [16, 16, 16],
+                "min_points_per_code": 4,
+            },
+        )
+    )
+    return {
+        "store": store,
+        "interactions": str(folder / "interactions.parquet"),
+        "items": len(wanted),
+    }

@@ -115,6 +115,12 @@ CASES = {
         2,
         "no published run of catalog 'beauty'",
     ),
+    "click models with seeds that are not numbers": (
+        lambda d: ["train", "aktrec", "--seeds", "1,two"],
+        {},
+        2,
+        "--seeds '1,two': not whole numbers",
+    ),
     "unknown training preset": (
         lambda d: ["train", "genrec", "--config", "nope"],
         {},

@@ -4,62 +4,17 @@ protocol (leave-one-out, full ranking, constrained beam search)."""
 
 from __future__ import annotations
 
-import gzip
-import json
-
-import pyarrow.compute as pc
-import pyarrow.parquet as pq
 import pytest
+from conftest import BEAUTY_SLICE_USERS
 from typer.testing import CliRunner
 
 from sidpipe.cli import app
-from sidpipe.config import load_config
-from sidpipe.data import bundled
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.training.config import load_train_config
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
-USERS = 300
+USERS = BEAUTY_SLICE_USERS
 METRIC_KEYS = {"recall@5", "recall@10", "ndcg@5", "ndcg@10", "invalid_rate"}
-
-
-@pytest.fixture(scope="module")
-def beauty_slice(tmp_path_factory, prefect_api):
-    """The first 300 Beauty users and their items, tokenized (16x16x16 codes) into a store."""
-    from sidpipe.flows.nightly import nightly_tokenization
-
-    folder = tmp_path_factory.mktemp("beauty-slice")
-    interactions = pq.read_table(bundled("amazon-beauty-2014", "interactions.parquet"))
-    users = [str(u) for u in range(1, USERS + 1)]
-    interactions = interactions.filter(
-        pc.is_in(interactions["user_id"], value_set=pc.cast(users, "string"))
-    )
-    pq.write_table(interactions, folder / "interactions.parquet")
-    wanted = set(interactions["item_id"].to_pylist())
-    with (
-        gzip.open(bundled("amazon-beauty-2014", "catalog.jsonl.gz"), "rt") as src,
-        open(folder / "catalog.jsonl", "w") as out,
-    ):
-        for line in src:
-            if json.loads(line)["item_id"] in wanted:
-                out.write(line)
-    store = str(folder / "store")
-    nightly_tokenization(
-        load_config(
-            store=store,
-            catalog={"uri": str(folder / "catalog.jsonl"), "name": "beauty-slice"},
-            tokenizer={
-                "method": "rqkmeans",
-                "codebook_sizes": [16, 16, 16],
-                "min_points_per_code": 4,
-            },
-        )
-    )
-    return {
-        "store": store,
-        "interactions": str(folder / "interactions.parquet"),
-        "items": len(wanted),
-    }
 
 
 def train(beauty_slice, *extra: str):

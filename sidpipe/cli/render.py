@@ -240,3 +240,21 @@ def print_ranking_metrics(title: str, rows: list[tuple[str, dict]]) -> None:
     for name, m in rows:
         out.add_row(name, *(f"{m[k]:.4f}" for k in keys), f"{m['users']:,}")
     console.print(out)
+
+
+def print_click_metrics(title: str, summary: dict[str, dict]) -> None:
+    """Per click model: test AUC and GAUC (mean ± std over seeds), log loss, head/tail AUC and
+    the GAUC of low-activity users."""
+    columns = ("AUC", "GAUC", "logloss", "head AUC", "tail AUC", "low-act. GAUC")
+    out = table(title, ("model", *columns), right=columns)
+    for model, s in summary.items():
+        out.add_row(
+            model,
+            f"{s['auc_mean']:.4f} ± {s['auc_std']:.4f}",
+            f"{s['gauc_mean']:.4f} ± {s['gauc_std']:.4f}",
+            f"{s['logloss_mean']:.4f}",
+            f"{s['head_items']['auc_mean']:.4f}",
+            f"{s['tail_items']['auc_mean']:.4f}",
+            f"{s['low_activity_users']['gauc_mean']:.4f}",
+        )
+    console.print(out)

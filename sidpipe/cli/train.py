@@ -8,7 +8,8 @@ from typing import Annotated
 import typer
 
 from sidpipe.cli.options import StoreOption
-from sidpipe.cli.render import console, print_ranking_metrics
+from sidpipe.cli.render import console, print_click_metrics, print_ranking_metrics
+from sidpipe.errors import ConfigError
 
 app = typer.Typer(
     help="Training flows that read the published artifacts.",
@@ -88,3 +89,80 @@ def genrec(
         f"epochs in {metrics['train_seconds']:.0f}s on {metrics['machine']}; "
         f"written to training/genrec/{metrics['run_id']}/"
     )
+
+
+@app.command("aktrec")
+def aktrec(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Preset (aktrec-cpu-small, aktrec-beauty, aktrec-gpu) or a YAML file "
+            "(`base: <preset>` to start from one).",
+        ),
+    ] = "aktrec-cpu-small",
+    store: StoreOption = None,
+    catalog: Annotated[str | None, typer.Option(help="Catalog of the published SIDs.")] = None,
+    run_date: Annotated[
+        str | None, typer.Option(help="Published run date (default: the latest).")
+    ] = None,
+    interactions: Annotated[
+        str | None, typer.Option(help="Parquet with user_id, item_id, timestamp.")
+    ] = None,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated click models (default: the preset's, all seven)."),
+    ] = None,
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs per model.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+) -> None:
+    """Compare click models on a catalog's published SIDs (DIN protocol, same rows and budget
+    for every model): base, DIN, SID features concatenated, AKT-Rec and its three ablations."""
+    from sidpipe.cli import prefect_defaults
+
+    prefect_defaults()
+    from sidpipe.storage.store import existing_store
+    from sidpipe.tasks.training.config import load_train_config
+    from sidpipe.tasks.training.ctr import check_published_levels
+    from sidpipe.tasks.training.data import check_inputs
+
+    cfg = load_train_config(
+        config,
+        "aktrec",
+        store=store or os.environ.get("SIDPIPE_STORE"),
+        data={"catalog": catalog, "run_date": run_date, "interactions": interactions},
+        models=_split(models),
+        seeds=_seeds(seeds),
+        loop={"epochs": epochs},
+        device=device,
+    )
+    artifact_store = existing_store(cfg.store)
+    check_inputs(artifact_store, cfg.data)  # before Prefect's server starts
+    check_published_levels(artifact_store, cfg)
+
+    from sidpipe.flows.train_aktrec import train_aktrec
+
+    metrics = train_aktrec(cfg)
+    print_click_metrics(
+        f"{cfg.name}: {metrics['rows']['test']:,} test rows, mean ± std over seeds {cfg.seeds}",
+        metrics["summary"],
+    )
+    console.print(
+        f"written to training/aktrec/{metrics['run_id']}/ (metrics.json, predictions.parquet, "
+        "auc_by_popularity.png)"
+    )
+
+
+def _seeds(text: str | None) -> list[int] | None:
+    try:
+        return [int(s) for s in _split(text)] if text else None
+    except ValueError:
+        raise ConfigError(
+            f"--seeds {text!r}: not whole numbers", hint="e.g. --seeds 42,43,44"
+        ) from None
+
+
+def _split(text: str | None) -> list[str] | None:
+    return [part.strip() for part in text.split(",") if part.strip()] if text else None

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sidpipe.config import deep_merge, invalid, read_yaml
 from sidpipe.data import BEAUTY_INTERACTIONS
 from sidpipe.errors import ConfigError
+from sidpipe.models.ctr import CTR_MODELS, CTRConfig, CTRModelName
 from sidpipe.models.registry import RECOMMENDERS, ModelConfig
 
 
@@ -103,6 +104,48 @@ class TrainConfig(_Section):
     threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
 
 
+class CTRDataConfig(DataConfig):
+    """A CTR flow's data: DIN's protocol (see `tasks/training/ctr_data.py`)."""
+
+    max_history: int = Field(default=50, ge=1, description="Most clicks of history.")
+    negatives: int = Field(default=4, ge=1, description="Sampled non-clicks per click.")
+    sample_seed: int = Field(default=42, description="Seed of the negatives (drawn once).")
+
+
+class CTRLoopConfig(LoopConfig):
+    """The loop for click models: bigger batches, a short warm-up, a constant rate, validation
+    (AUC) every epoch, stop at the first epoch without improvement."""
+
+    batch_size: int = Field(default=1024, ge=1)
+    learning_rate: float = Field(default=2e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=50, ge=1)
+    lr_schedule: Literal["cosine", "cosine-budget", "constant"] = "constant"
+    epochs: int = Field(default=3, ge=1, description="Most epochs (early stopping ends sooner).")
+    eval_every: int = Field(default=1, ge=1, description="Epochs between validations.")
+    patience: int = Field(default=1, ge=1, description="Validations without improvement.")
+
+
+class AKTRecTrainConfig(_Section):
+    """An AKT-Rec comparison: every listed click model, each seed, the same rows and budget."""
+
+    name: str = "custom"
+    store: str = Field(default="./artifacts", description="Store with the published SIDs.")
+    data: CTRDataConfig = CTRDataConfig()
+    model: CTRConfig = CTRConfig()
+    loop: CTRLoopConfig = CTRLoopConfig()
+    models: list[CTRModelName] = Field(default=list(CTR_MODELS), min_length=1)
+    seeds: list[int] = Field(default=[42, 43, 44], min_length=1)
+    low_activity_share: float = Field(
+        default=0.2, gt=0, lt=1, description="Low-activity users: this share, fewest clicks."
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
+
+
+CONFIGS: dict[str, type[BaseModel]] = {"genrec": TrainConfig, "aktrec": AKTRecTrainConfig}
+
+
 def preset_dir(flow: str) -> Path:
     return Path(str(files("sidpipe.flows").joinpath("presets", flow)))
 
@@ -132,7 +175,7 @@ def _resolve(values: dict, flow: str, where: str, seen: tuple[str, ...] = ()) ->
     return _layer(_resolve(parent, flow, base, (*seen, base)), values)
 
 
-def load_train_config(name_or_path: str, flow: str = "genrec", **overrides: Any) -> TrainConfig:
+def load_train_config(name_or_path: str, flow: str = "genrec", **overrides: Any):
     """A preset by name, or a YAML file, with overrides: a nested mapping like the file's
     (None values are ignored). A layer naming another `model.kind` than the one below replaces
     the model section."""
@@ -149,7 +192,7 @@ def load_train_config(name_or_path: str, flow: str = "genrec", **overrides: Any)
         )
     values = _layer(_resolve(values, flow, name_or_path), _without_none(overrides))
     try:
-        return TrainConfig(**values)
+        return CONFIGS[flow](**values)
     except ValueError as exc:
         raise invalid(exc, f"training config {name_or_path!r}") from None
 

@@ -93,7 +93,8 @@ def _user_sort_key(user: str):
 
 
 def check_inputs(store: ArtifactStore, config: DataConfig) -> None:
-    """Seconds, before Prefect starts: the published run resolves, the interactions exist."""
+    """Seconds, before Prefect starts: the published run resolves, the interactions file exists
+    and has the columns and types the protocol needs (its schema only is read)."""
     resolve_run(store, config.catalog, config.run_date)
     fs, path = open_filesystem(config.interactions)
     try:
@@ -102,6 +103,23 @@ def check_inputs(store: ArtifactStore, config: DataConfig) -> None:
         raise TrainingDataError(f"{config.interactions}: cannot read it: {exc}") from None
     if not found:
         raise TrainingDataError(f"{config.interactions}: interactions file not found")
+    try:
+        with fs.open(path, "rb") as handle:
+            schema = pq.read_schema(handle)
+    except Exception as exc:  # noqa: BLE001 - any reader error: one clear message
+        raise TrainingDataError(
+            f"{config.interactions}: not a readable Parquet file: {exc}"
+        ) from None
+    missing = {"user_id", "item_id", "timestamp"} - set(schema.names)
+    if missing:
+        raise TrainingDataError(
+            f"{config.interactions}: interactions need columns {sorted(missing)}"
+        )
+    when = schema.field("timestamp").type
+    if not (pa.types.is_integer(when) or pa.types.is_timestamp(when)):
+        raise TrainingDataError(
+            f"{config.interactions}: timestamp is {when}, not an integer or a timestamp"
+        )
 
 
 def load_training_data(store: ArtifactStore, config: DataConfig) -> TrainingData:

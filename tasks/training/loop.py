@@ -27,7 +27,7 @@ from sidpipe.progress import Progress, duration
 from sidpipe.tasks.training.config import LoopConfig, TrainConfig
 
 log = logging.getLogger(__name__)
-VALIDATION_METRIC = "ndcg@10"
+VALIDATION_METRIC = "ndcg@10"  # ranking flows; a CTR flow validates on "auc"
 
 
 def pick_device(config: TrainConfig) -> torch.device:
@@ -74,9 +74,12 @@ def train(
     config: LoopConfig,
     progress: Callable[[int, int, dict], None] | None = None,
     label: str = "train",
+    metric: str = VALIDATION_METRIC,
 ) -> list[dict]:
     """Train `rec` in place; returns the learning curve (one row per epoch). `validate()`
-    gives the validation metrics of the model as it stands; the best one's weights are kept.
+    gives the validation metrics of the model as it stands; the weights with the best `metric`
+    are kept. `rec` needs only `module`, `device` and `loss(batch)` (a `Recommender` or a click
+    model).
     Progress: steps of all epochs, with the epoch, its ETA and the running loss;
     `progress(epoch, epochs, row)` after each epoch."""
     model, device = rec.module, rec.device
@@ -132,8 +135,8 @@ def train(
                 row["cut_short"] = True
             if epoch % config.eval_every == 0 or epoch == config.epochs or out_of_time:
                 row.update({f"valid_{k}": v for k, v in validate().items()})
-                if row[f"valid_{VALIDATION_METRIC}"] > best:
-                    best, waited = row[f"valid_{VALIDATION_METRIC}"], 0
+                if row[f"valid_{metric}"] > best:
+                    best, waited = row[f"valid_{metric}"], 0
                     best_state = copy.deepcopy({k: v.cpu() for k, v in model.state_dict().items()})
                     row["best"] = True
                 else:
@@ -145,7 +148,7 @@ def train(
                 log.info(
                     "early stop at epoch %d: no better validation %s in %d checks",
                     epoch,
-                    VALIDATION_METRIC,
+                    metric,
                     waited,
                 )
                 break
