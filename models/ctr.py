@@ -29,7 +29,7 @@ AKT-Rec (choices the paper leaves open, documented in the README):
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import numpy as np
 import torch
@@ -37,15 +37,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.nn import functional as F
 
-CTR_MODELS = (
-    "base",
-    "din",
-    "sid-concat",
-    "aktrec",
-    "aktrec-symmetric",
-    "aktrec-no-gate",
-    "aktrec-no-aggregation",
-)
 CTRModelName = Literal[
     "base",
     "din",
@@ -55,6 +46,7 @@ CTRModelName = Literal[
     "aktrec-no-gate",
     "aktrec-no-aggregation",
 ]
+CTR_MODELS: tuple[str, ...] = get_args(CTRModelName)
 
 
 class CTRConfig(BaseModel):

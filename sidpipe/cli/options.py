@@ -30,6 +30,18 @@ CatalogNameOption = Annotated[
     str | None, typer.Option(help="Name used in artifact paths (default: fashion-sample).")
 ]
 
+# What a training flow reads: a catalog's published run, plus interactions.
+PublishedCatalogOption = Annotated[
+    str | None, typer.Option("--catalog", help="Catalog of the published SIDs.")
+]
+PublishedDateOption = Annotated[
+    str | None, typer.Option("--run-date", help="Published run date (default: the latest).")
+]
+InteractionsOption = Annotated[
+    str | None, typer.Option("--interactions", help="Parquet with user_id, item_id, timestamp.")
+]
+DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
+
 
 def catalog_settings(uri: str | None, name: str | None) -> dict | None:
     """--catalog / --catalog-name as a config section (None: neither given)."""

@@ -7,7 +7,13 @@ from typing import Annotated
 
 import typer
 
-from sidpipe.cli.options import StoreOption
+from sidpipe.cli.options import (
+    DeviceOption,
+    InteractionsOption,
+    PublishedCatalogOption,
+    PublishedDateOption,
+    StoreOption,
+)
 from sidpipe.cli.render import console, print_click_metrics, print_ranking_metrics
 from sidpipe.errors import ConfigError
 
@@ -31,19 +37,15 @@ def genrec(
         ),
     ] = "cpu-small",
     store: StoreOption = None,
-    catalog: Annotated[str | None, typer.Option(help="Catalog of the published SIDs.")] = None,
-    run_date: Annotated[
-        str | None, typer.Option(help="Published run date (default: the latest).")
-    ] = None,
-    interactions: Annotated[
-        str | None, typer.Option(help="Parquet with user_id, item_id, timestamp.")
-    ] = None,
+    catalog: PublishedCatalogOption = None,
+    run_date: PublishedDateOption = None,
+    interactions: InteractionsOption = None,
     model: Annotated[
         str | None,
         typer.Option(help="tiger or sasrec (another model than the preset's: its defaults)."),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Most epochs (early stopping).")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    device: DeviceOption = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
     time_limit_minutes: Annotated[
         float | None,
@@ -103,20 +105,16 @@ def aktrec(
         ),
     ] = "aktrec-cpu-small",
     store: StoreOption = None,
-    catalog: Annotated[str | None, typer.Option(help="Catalog of the published SIDs.")] = None,
-    run_date: Annotated[
-        str | None, typer.Option(help="Published run date (default: the latest).")
-    ] = None,
-    interactions: Annotated[
-        str | None, typer.Option(help="Parquet with user_id, item_id, timestamp.")
-    ] = None,
+    catalog: PublishedCatalogOption = None,
+    run_date: PublishedDateOption = None,
+    interactions: InteractionsOption = None,
     models: Annotated[
         str | None,
         typer.Option(help="Comma-separated click models (default: the preset's, all seven)."),
     ] = None,
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Most epochs per model.")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu or cuda.")] = None,
+    device: DeviceOption = None,
 ) -> None:
     """Compare click models on a catalog's published SIDs (DIN protocol, same rows and budget
     for every model): base, DIN, SID features concatenated, AKT-Rec and its three ablations."""
