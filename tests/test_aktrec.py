@@ -88,6 +88,7 @@ def test_seven_models_on_the_same_rows_with_metrics_recomputable_from_prediction
     (run_dir,) = [p for p in root.iterdir() if p.name != "samples"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert list(metrics["summary"]) == list(CTR_MODELS)
+    assert metrics["dropped_interactions"] == 0  # every slice item has a SID
     table = pq.read_table(run_dir / "predictions.parquet")
     col = {name: table[name].to_numpy(zero_copy_only=False) for name in table.column_names}
     assert table.num_rows == len(CTR_MODELS) * metrics["rows"]["test"]

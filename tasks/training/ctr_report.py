@@ -81,6 +81,7 @@ def report_task(
         "published": data.training.published,
         "samples": data.samples_key,
         "rows": {s: len(rows) for s, rows in data.splits.items()},
+        "dropped_interactions": data.training.dropped_interactions,  # items without a SID
         "seeds": config.seeds,
         "machine": machine(),
         "settings": config.model_dump(mode="json"),
