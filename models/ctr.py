@@ -148,8 +148,9 @@ class CTRNet(nn.Module):
             return torch.cat([individual, *parts], -1), None
         return individual, torch.stack(parts, 0).mean(0)
 
-    def item_embedding(self, items: torch.Tensor) -> torch.Tensor:
-        individual, cluster = self._parts(items)
+    def item_embedding(self, items: torch.Tensor, parts=None) -> torch.Tensor:
+        """The item's embedding; `parts` = `_parts(items)` when the caller has them already."""
+        individual, cluster = parts if parts is not None else self._parts(items)
         if cluster is None:
             return individual
         if not self.gated:
@@ -161,7 +162,8 @@ class CTRNet(nn.Module):
     # -- scoring ---------------------------------------------------------------------------------
     def forward(self, items: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
         """Click logits [B] of items [B] after histories [B, H] (-1: none)."""
-        target = self.item_embedding(items)
+        parts = self._parts(items)
+        target = self.item_embedding(items, parts)
         past = self.item_embedding(history)
         mask = (history >= 0).unsqueeze(-1).float()
         length = mask.sum(1)
@@ -173,7 +175,7 @@ class CTRNet(nn.Module):
             pooled = (mask * past).sum(1) / length.clamp(min=1)
         features = [target, pooled, target * pooled]
         if self.aggregate:
-            individual, cluster = self._parts(items)
+            individual, cluster = parts
             views = [individual, cluster, pooled]
             if self.content is not None:
                 views.append(self.content(self.side.content[torch.where(items < 0, -1, items)]))

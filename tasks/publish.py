@@ -77,9 +77,7 @@ def code_version() -> dict:
     return version
 
 
-def embeddings_table(
-    store: ArtifactStore, run: RunInfo, stages: list[StageOutcome], assign: AssignOutcome
-) -> pa.Table:
+def embeddings_table(store: ArtifactStore, run: RunInfo, stages: list[StageOutcome]) -> pa.Table:
     """item_id, embedding (float32) of every item that got a SID: the content the SIDs were
     made from, for training flows (AKT-Rec's content view, AsymRec's inputs)."""
     embed = next(s for s in stages if s.stage == "embed")
@@ -179,7 +177,7 @@ def publish_stage(
     if enrichment is not None:
         store.write_parquet(enrichment, *staging, ENRICHMENT_FILE)
         optional["enrichment"] = (ENRICHMENT_FILE, sids, enrichment.num_rows)
-    embeddings = embeddings_table(store, run, stages, assign)
+    embeddings = embeddings_table(store, run, stages)
     store.write_parquet(embeddings, *staging, EMBEDDINGS_FILE)
     optional["embeddings"] = (EMBEDDINGS_FILE, sids, embeddings.num_rows)
     manifest = publish(
