@@ -34,7 +34,7 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 # editable against empty package folders, which the real code then fills (the editable install
 # points at the folders, not at their files).
 COPY pyproject.toml README.md ./
-RUN for pkg in sidpipe sidpipe/cli data flows flows/presets/genrec flows/presets/aktrec tasks tasks/training models storage; do \
+RUN for pkg in sidpipe sidpipe/cli data flows flows/presets/genrec flows/presets/aktrec flows/presets/asymrec tasks tasks/training models storage; do \
         mkdir -p "$pkg" && touch "$pkg/__init__.py"; \
     done \
     && pip install -e ".[${EXTRAS}]"

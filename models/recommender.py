@@ -36,6 +36,8 @@ class RecData:
     users: list[str]
     sequences: list[np.ndarray]  # per user: item indices, oldest first
     text: dict[str, list[str | None]] = field(default_factory=dict)  # TEXT_FIELDS -> per item
+    embeddings: np.ndarray | None = None  # [items, dim] the published content embeddings
+    cold: np.ndarray | None = None  # [items] bool: held out of every training sequence
 
     @property
     def n_items(self) -> int:

@@ -33,40 +33,47 @@ class SASRecConfig(BaseModel):
     dropout: float = Field(default=0.3, ge=0, lt=1)
 
 
-class SASRec(nn.Module):
-    """Item ids 1..n_items (0 is padding) -> next-item logits over all items."""
+class CausalEncoder(nn.Module):
+    """SASRec's sequence encoder without its item table: embedded history items (plus learned
+    positions) through causal self-attention blocks; the hidden state at each position predicts
+    the next item. AsymRec feeds it projected content embeddings instead of item ids."""
 
-    def __init__(self, n_items: int, config: SASRecConfig, max_history: int) -> None:
+    def __init__(self, d_model: int, heads: int, layers: int, dropout: float, max_history: int):
         super().__init__()
-        self.n_items, self.config = n_items, config
-        self.item = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
-        self.position = nn.Embedding(max_history, config.d_model)
+        self.d_model = d_model
+        self.position = nn.Embedding(max_history, d_model)
         layer = nn.TransformerEncoderLayer(
-            config.d_model,
-            config.heads,
-            4 * config.d_model,
-            config.dropout,
-            batch_first=True,
-            norm_first=True,
+            d_model, heads, 4 * d_model, dropout, batch_first=True, norm_first=True
         )
-        self.encoder = nn.TransformerEncoder(layer, config.layers, enable_nested_tensor=False)
-        self.norm = nn.LayerNorm(config.d_model)
-        self.drop = nn.Dropout(config.dropout)
-        nn.init.normal_(self.item.weight, std=0.02)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d_model)
+        self.drop = nn.Dropout(dropout)
 
-    def states(self, history: torch.Tensor) -> torch.Tensor:
-        """history [B, T] (left-padded with 0) -> hidden states [B, T, d]."""
-        t = history.shape[1]
-        positions = torch.arange(t, device=history.device)
-        real = (history != 0).unsqueeze(-1)
-        x = self.item(history) * self.config.d_model**0.5 + self.position(positions)
-        x = self.drop(x) * real
+    def encode(self, x: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """x [B, T, d] embedded items (left-padded), real [B, T] bool -> hidden states [B, T, d]."""
+        t = x.shape[1]
+        real = real.unsqueeze(-1)
+        x = self.drop(x + self.position(torch.arange(t, device=x.device))) * real
         # Causal mask only, padded positions zeroed at the input and output (the original
         # SASRec also re-zeroes them after every block; here they keep a constant state that
         # real items may attend to, which carries no item information). A key-padding mask
         # would leave left-padding queries with no key at all, i.e. NaN that then spreads.
-        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=history.device), 1)
+        causal = torch.triu(torch.ones(t, t, dtype=torch.bool, device=x.device), 1)
         return self.norm(self.encoder(x, mask=causal)) * real
+
+
+class SASRec(CausalEncoder):
+    """Item ids 1..n_items (0 is padding) -> next-item logits over all items."""
+
+    def __init__(self, n_items: int, config: SASRecConfig, max_history: int) -> None:
+        super().__init__(config.d_model, config.heads, config.layers, config.dropout, max_history)
+        self.n_items, self.config = n_items, config
+        self.item = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
+        nn.init.normal_(self.item.weight, std=0.02)
+
+    def states(self, history: torch.Tensor) -> torch.Tensor:
+        """history [B, T] (left-padded with 0) -> hidden states [B, T, d]."""
+        return self.encode(self.item(history) * self.config.d_model**0.5, history != 0)
 
     def forward(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the next item at every non-padding position."""

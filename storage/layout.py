@@ -52,8 +52,9 @@ def registry_path(catalog: str) -> tuple[str, ...]:
     return ("tokenizers", "_registry", f"{catalog}.json")
 
 
-def training_dir(flow: str, run_id: str) -> tuple[str, ...]:
-    return ("training", flow, run_id)
+def training_dir(flow: str, run_id: str, *parts: str) -> tuple[str, ...]:
+    """A training run's folder (`parts`: one model's subfolder in a comparison run)."""
+    return ("training", flow, run_id, *parts)
 
 
 def shard_items_name(shard: int) -> str:

@@ -252,6 +252,7 @@ def test_prefect_yaml_deploys_to_the_bootstrapped_pools():
     assert pools.get("refit") == deploy.GPU_POOL
     assert pools.get("backfill") == deploy.CPU_POOL
     assert pools.get("aktrec") == deploy.GPU_POOL
+    assert pools.get("asymrec") == deploy.GPU_POOL
     assert set(pools.values()) <= {deploy.CPU_POOL, deploy.GPU_POOL}
 
 

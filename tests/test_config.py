@@ -100,6 +100,21 @@ def test_every_training_preset_is_a_valid_config():
     assert {"cpu-small", "beauty-cpu", "beauty", "sasrec-beauty"} <= set(names)
     for name in names:
         assert load_train_config(name).name == name
+    for flow in ("aktrec", "asymrec"):
+        for name in presets(flow):
+            assert load_train_config(name, flow).name == name
+    comparison = load_train_config("asymrec-beauty-cpu", "asymrec")
+    assert comparison.data.cold_item_share == 0.05  # the comparison's default
+    assert set(comparison.models) == {
+        "tiger",
+        "asymrec",
+        "asymrec-no-msp",
+        "asymrec-no-mhq",
+        "sasrec",
+    }
+    sasrec = comparison.model_run("sasrec")
+    assert sasrec.loop.lr_schedule == "constant"  # its own optimiser settings
+    assert sasrec.loop.time_limit_minutes == comparison.loop.time_limit_minutes  # shared budget
 
 
 def test_another_model_on_the_command_line_starts_from_its_own_defaults():

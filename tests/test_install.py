@@ -76,7 +76,7 @@ def test_the_wheel_carries_the_sample_and_the_presets(installed, tmp_path):
         "from sidpipe.tasks.training.config import presets;"
         "print(sidpipe.__file__); print(pathlib.Path(d.SAMPLE_CATALOG).is_file());"
         "print(len(list(pathlib.Path(d.SAMPLE_CATALOG).parent.glob('images/*.jpg'))));"
-        "print(','.join(presets('genrec')))"
+        "print(','.join(presets('genrec'))); print(','.join(presets('asymrec')))"
     )
     out = subprocess.run(  # from elsewhere: `python -c` puts the current folder on sys.path
         [installed / "python", "-c", script],
@@ -88,6 +88,7 @@ def test_the_wheel_carries_the_sample_and_the_presets(installed, tmp_path):
     assert not out[0].startswith(str(REPO))  # the installed copy, not this checkout
     assert out[1:3] == ["True", "1000"]
     assert "cpu-small" in out[3].split(",")
+    assert "asymrec-cpu-small" in out[4].split(",")
 
 
 def test_an_installed_sidpipe_publishes_the_sample_from_another_folder(installed, tmp_path):

@@ -258,3 +258,12 @@ def print_click_metrics(title: str, summary: dict[str, dict]) -> None:
             f"{s['low_activity_users']['gauc_mean']:.4f}",
         )
     console.print(out)
+
+
+def print_rows(title: str, rows: list[dict]) -> None:
+    """A table of dict rows (the keys of the first row are the columns; the first is left)."""
+    columns = list(rows[0])
+    out = table(title, columns, right=columns[1:])
+    for row in rows:
+        out.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns))
+    console.print(out)

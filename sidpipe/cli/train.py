@@ -14,7 +14,7 @@ from sidpipe.cli.options import (
     PublishedDateOption,
     StoreOption,
 )
-from sidpipe.cli.render import console, print_click_metrics, print_ranking_metrics
+from sidpipe.cli.render import console, print_click_metrics, print_ranking_metrics, print_rows
 from sidpipe.errors import ConfigError
 
 app = typer.Typer(
@@ -42,7 +42,9 @@ def genrec(
     interactions: InteractionsOption = None,
     model: Annotated[
         str | None,
-        typer.Option(help="tiger or sasrec (another model than the preset's: its defaults)."),
+        typer.Option(
+            help="tiger, sasrec or asymrec (another model than the preset's: its defaults)."
+        ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Most epochs (early stopping).")] = None,
     device: DeviceOption = None,
@@ -150,6 +152,76 @@ def aktrec(
     console.print(
         f"written to training/aktrec/{metrics['run_id']}/ (metrics.json, predictions.parquet, "
         "auc_by_popularity.png)"
+    )
+
+
+@app.command("asymrec")
+def asymrec(
+    config: Annotated[
+        str,
+        typer.Option(
+            "--config",
+            "-c",
+            help="Preset (asymrec-cpu-small, asymrec-beauty-cpu, asymrec-beauty) or a YAML file "
+            "(`base: <preset>` to start from one).",
+        ),
+    ] = "asymrec-cpu-small",
+    store: StoreOption = None,
+    catalog: PublishedCatalogOption = None,
+    run_date: PublishedDateOption = None,
+    interactions: InteractionsOption = None,
+    models: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated models of the preset to run (default: all of them)."),
+    ] = None,
+    time_limit_minutes: Annotated[
+        float | None, typer.Option(help="Minutes of training per model (the shared budget).")
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most epochs per model.")] = None,
+    device: DeviceOption = None,
+) -> None:
+    """Compare AsymRec (continuous inputs, multi-view codes as targets) with TIGER-style, its
+    two ablations and SASRec: same data, protocol, cold items and budget; full ranking."""
+    from sidpipe.cli import prefect_defaults
+
+    prefect_defaults()
+    from sidpipe.storage.store import existing_store
+    from sidpipe.tasks.training.compare_report import table_rows
+    from sidpipe.tasks.training.config import load_train_config
+    from sidpipe.tasks.training.data import check_inputs
+
+    cfg = load_train_config(
+        config,
+        "asymrec",
+        store=store or os.environ.get("SIDPIPE_STORE"),
+        data={"catalog": catalog, "run_date": run_date, "interactions": interactions},
+        loop={"epochs": epochs, "time_limit_minutes": time_limit_minutes},
+        device=device,
+    )
+    if models:
+        unknown = sorted(set(_split(models)) - set(cfg.models))
+        if unknown:
+            raise ConfigError(
+                f"--models: {', '.join(unknown)} not in {cfg.name}",
+                hint=f"the preset's models: {', '.join(cfg.models)}",
+            )
+        cfg = cfg.model_copy(update={"models": {m: cfg.models[m] for m in _split(models)}})
+    check_inputs(existing_store(cfg.store), cfg.data)  # before Prefect's server starts
+
+    from sidpipe.flows.train_asymrec import train_asymrec
+
+    metrics = train_asymrec(cfg)
+    rows = table_rows(metrics["models"])
+    quality = ("model", "recall@10", "ndcg@10", "head N@10", "tail N@10", "cold R@10")
+    cost = ("model", "epochs", "stopped by", "seq/s", "ms/step", "peak MiB")
+    print_rows(
+        f"{cfg.name}: {metrics['users']:,} test users, {metrics['cold_items']:,} cold items",
+        [{k: row[k] for k in quality} for row in rows],
+    )
+    print_rows("training cost", [{k: row[k] for k in cost} for row in rows])
+    console.print(
+        f"written to training/asymrec/{metrics['run_id']}/ (metrics.json, predictions.parquet, "
+        "ndcg_by_popularity.png)"
     )
 
 

@@ -17,12 +17,7 @@ import uuid
 from sidpipe.errors import PublishedRunNotFound
 from sidpipe.models.recommender import Recommender
 from sidpipe.models.registry import recommender_class
-from sidpipe.storage.layout import (
-    CHECKPOINT_CONFIG,
-    CHECKPOINT_WEIGHTS,
-    HISTORY_FILE,
-    training_dir,
-)
+from sidpipe.storage.layout import CHECKPOINT_CONFIG, CHECKPOINT_WEIGHTS, HISTORY_FILE
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.training.config import TrainConfig
@@ -43,8 +38,7 @@ def build(config: TrainConfig, training: TrainingData) -> Recommender:
 
 def save_checkpoint(
     store: ArtifactStore,
-    flow: str,
-    run_id: str,
+    where: tuple[str, ...],
     config: TrainConfig,
     training: TrainingData,
     rec: Recommender,
@@ -52,7 +46,6 @@ def save_checkpoint(
 ) -> None:
     from safetensors.torch import save
 
-    where = training_dir(flow, run_id)
     state = {k: v.detach().cpu().contiguous() for k, v in rec.module.state_dict().items()}
     store.write_bytes(save(state), *where, CHECKPOINT_WEIGHTS)
     store.write_json(history, *where, HISTORY_FILE)
@@ -110,18 +103,18 @@ def upgrade(train: dict) -> dict:
 
 
 def load_checkpoint(
-    store: ArtifactStore, flow: str, run_id: str, device
+    store: ArtifactStore, where: tuple[str, ...], device
 ) -> tuple[TrainConfig, TrainingData, Recommender]:
-    """A trained run's config, its data (the same published run) and its model, on `device`."""
+    """The config, data (the same published run) and model saved in `where` (a training
+    run's folder, `storage.layout.training_dir`), on `device`."""
     from safetensors.torch import load
 
-    where = training_dir(flow, run_id)
     try:
         saved = store.read_json(*where, CHECKPOINT_CONFIG)
     except FileNotFoundError:
         raise PublishedRunNotFound(
             f"no checkpoint {store.uri(*where)}",
-            hint=f"training runs are folders under {store.uri('training', flow)}",
+            hint=f"training runs are folders under {store.uri(*where[:2])}",
         ) from None
     config = TrainConfig.model_validate(upgrade(saved["train"]))
     published = saved["published"]
@@ -129,7 +122,7 @@ def load_checkpoint(
     training = load_training_data(store, data_config)
     if training.published != published:
         raise PublishedRunNotFound(
-            f"checkpoint {run_id} was trained on {published}, the store now has "
+            f"checkpoint {'/'.join(where[2:])} was trained on {published}, the store now has "
             f"{training.published} for that date"
         )
     rec = build(config, training)

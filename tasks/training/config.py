@@ -44,6 +44,16 @@ class DataConfig(_Section):
     )
     max_history: int = Field(default=20, ge=1, description="Most history items per example.")
     users_limit: int | None = Field(default=None, ge=1, description="Use the first N users.")
+    cold_item_share: float = Field(
+        default=0.0,
+        ge=0,
+        lt=0.5,
+        description=(
+            "Share of items (seeded) held out of every training sequence, to measure recall on"
+            " cold items: they stay validation and test targets."
+        ),
+    )
+    cold_item_seed: int = Field(default=42, description="Seed of the cold items' draw.")
 
 
 class LoopConfig(_Section):
@@ -143,7 +153,79 @@ class AKTRecTrainConfig(_Section):
     threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
 
 
-CONFIGS: dict[str, type[BaseModel]] = {"genrec": TrainConfig, "aktrec": AKTRecTrainConfig}
+class ComparisonDataConfig(DataConfig):
+    """A comparison's data: 5% of the items held out as cold items unless said otherwise."""
+
+    cold_item_share: float = Field(
+        default=0.05, ge=0, lt=0.5, description="Share of items held out as cold items."
+    )
+
+
+class ModelLoop(_Section):
+    """A compared model's own optimiser settings (unset: the comparison's `loop`). The budget
+    (epochs, eval_every, patience, time_limit_minutes, valid_users) is the comparison's."""
+
+    batch_size: int | None = Field(default=None, ge=1)
+    learning_rate: float | None = Field(default=None, gt=0)
+    weight_decay: float | None = Field(default=None, ge=0)
+    warmup_steps: int | None = Field(default=None, ge=1)
+    grad_clip: float | None = Field(default=None, gt=0)
+    lr_schedule: Literal["cosine", "cosine-budget", "constant"] | None = None
+
+
+class ComparedModel(_Section):
+    model: ModelConfig
+    loop: ModelLoop = ModelLoop()
+
+
+def _asymrec_models() -> dict[str, ComparedModel]:
+    asym = RECOMMENDERS["asymrec"].config_class
+    return {
+        "tiger": ComparedModel(model=RECOMMENDERS["tiger"].config_class()),
+        "asymrec": ComparedModel(model=asym()),
+        "asymrec-no-msp": ComparedModel(model=asym(experts=1)),
+        "asymrec-no-mhq": ComparedModel(model=asym(targets="published")),
+        "sasrec": ComparedModel(model=RECOMMENDERS["sasrec"].config_class()),
+    }
+
+
+class AsymRecTrainConfig(_Section):
+    """A next-item comparison (the AsymRec flow): every model in `models` on the same data,
+    protocol (leave-one-out, full ranking, 5% cold items by default) and budget (`loop`)."""
+
+    name: str = "custom"
+    store: str = Field(default="./artifacts", description="Store with the published SIDs.")
+    data: ComparisonDataConfig = ComparisonDataConfig()
+    loop: LoopConfig = LoopConfig()
+    eval: EvalConfig = EvalConfig()
+    models: dict[str, ComparedModel] = Field(default_factory=_asymrec_models, min_length=1)
+    seed: int = 42
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(default=None, ge=1, description="CPU threads for torch.")
+
+    def model_run(self, label: str) -> TrainConfig:
+        """The training config of one compared model: the shared data, budget and evaluation,
+        its own model and optimiser settings."""
+        compared = self.models[label]
+        own = {k: v for k, v in compared.loop.model_dump().items() if v is not None}
+        return TrainConfig(
+            name=label,
+            store=self.store,
+            data=self.data,
+            model=compared.model,
+            loop=self.loop.model_copy(update=own),
+            eval=self.eval,
+            seed=self.seed,
+            device=self.device,
+            threads=self.threads,
+        )
+
+
+CONFIGS: dict[str, type[BaseModel]] = {
+    "genrec": TrainConfig,
+    "aktrec": AKTRecTrainConfig,
+    "asymrec": AsymRecTrainConfig,
+}
 
 
 def preset_dir(flow: str) -> Path:

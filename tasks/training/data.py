@@ -5,6 +5,11 @@ Reads the catalog's published run (`_MANIFEST.json` -> `sids.parquet`, `items.pa
 sha256) and an interactions table (`user_id`, `item_id`, `timestamp`). Interactions with items
 the SID table does not know are dropped and counted.
 
+Cold items (`cold_item_share` > 0): a seeded share of the items is removed from every user's
+training part (all but the last two items), so no model sees them in training, as input or as
+target; they stay validation and test targets (and the validation item stays in the test
+history). Users left with fewer than 3 interactions are dropped and counted.
+
 The protocol (leave-one-out): per user, chronological order; the last item is the test target,
 the one before it the validation target, the rest is training (every prefix predicts its next
 item); at most `max_history` items of history; users with fewer than 3 interactions are left
@@ -38,6 +43,7 @@ class TrainingData:
     data: RecData
     published: dict  # catalog, run_date, run_id, tokenizer_id of the SIDs used
     dropped_interactions: int
+    cold_dropped_users: int = 0  # users left with < 3 interactions once cold items went
 
     def popularity(self) -> np.ndarray:
         """Training interactions per item (validation and test items excluded)."""
@@ -156,6 +162,11 @@ def load_training_data(store: ArtifactStore, config: DataConfig) -> TrainingData
     if not users:
         raise TrainingDataError(f"{config.interactions}: no user has 3 or more interactions")
 
+    cold, dropped_users = None, 0
+    if config.cold_item_share > 0:
+        cold, users, sequences, dropped_users = hold_out_cold(
+            len(item_ids), users, sequences, config.cold_item_share, config.cold_item_seed
+        )
     data = RecData(
         item_ids=item_ids,
         codes=codes,
@@ -164,8 +175,44 @@ def load_training_data(store: ArtifactStore, config: DataConfig) -> TrainingData
         users=users,
         sequences=sequences,
         text=_item_texts(store, manifest, item_ids),
+        embeddings=_embeddings(store, manifest, item_ids),
+        cold=cold,
     )
-    return TrainingData(data, run_ref(manifest), dropped)
+    return TrainingData(data, run_ref(manifest), dropped, dropped_users)
+
+
+def _embeddings(store: ArtifactStore, manifest, item_ids: list[str]) -> np.ndarray | None:
+    """The published content embeddings in item order (None: a run published before them)."""
+    if "embeddings" not in manifest.files:
+        return None
+    table = read_published_table(store, manifest, "embeddings")
+    row = {item: i for i, item in enumerate(table["item_id"].to_pylist())}
+    vectors = np.asarray(table["embedding"].combine_chunks().flatten(), np.float32)
+    vectors = vectors.reshape(table.num_rows, -1)
+    missing = [i for i in item_ids if i not in row]
+    if missing:
+        raise TrainingDataError(
+            f"published embeddings lack {len(missing)} items with SIDs (first: {missing[0]})"
+        )
+    return vectors[[row[i] for i in item_ids]]
+
+
+def hold_out_cold(
+    n_items: int, users: list[str], sequences: list[np.ndarray], share: float, seed: int
+) -> tuple[np.ndarray, list[str], list[np.ndarray], int]:
+    """(cold mask, users, sequences, users dropped): `round(share * n_items)` items drawn with
+    `seed` leave every training part; users left with fewer than 3 items are dropped."""
+    cold = np.zeros(n_items, bool)
+    picked = np.random.default_rng(seed).choice(n_items, round(share * n_items), replace=False)
+    cold[picked] = True
+    kept_users, kept = [], []
+    for user, seq in zip(users, sequences, strict=True):
+        train = seq[:-2]
+        seq = np.concatenate([train[~cold[train]], seq[-2:]])
+        if len(seq) >= 3:
+            kept_users.append(user)
+            kept.append(seq)
+    return cold, kept_users, kept, len(users) - len(kept)
 
 
 def split(data: RecData, max_history: int, which: str) -> Examples:

@@ -4,7 +4,8 @@ A model that scores (`ranking = "score"`) is ranked exactly, ties counted agains
 collapsed model must not score well); a model that generates (`ranking = "generate"`) is ranked
 by its constrained decoding, and two checks of that decoding are added: how often decoding
 without the trie names no item (`invalid_rate`), and how its top 10 compares with exact scores
-of every item (`beam_exact_*`). The predictions the metrics come from are returned as a table
+of every item (`beam_exact_*`). With cold items held out, the same metrics on the test users
+whose target is a cold item (`cold_items`). The predictions the metrics come from are returned as a table
 (one row per test user: target, rank, top 10), so anyone can recompute the metrics.
 """
 
@@ -19,7 +20,12 @@ import torch
 from sidpipe.models.recommender import Examples, RecData, Recommender
 from sidpipe.progress import Progress
 from sidpipe.tasks.training.config import EvalConfig
-from sidpipe.tasks.training.metrics import by_bucket, popularity_buckets, ranking_metrics
+from sidpipe.tasks.training.metrics import (
+    BUCKETS,
+    by_bucket,
+    popularity_buckets,
+    ranking_metrics,
+)
 
 TOP = 10
 
@@ -104,7 +110,8 @@ def evaluate_ranking(
     config: EvalConfig,
 ) -> tuple[dict, pa.Table]:
     """Test metrics of a trained model (overall, by popularity, decoding checks) and the
-    predictions they were computed from."""
+        predictions they were computed from (with each target's popularity bucket and whether it is a
+    cold item, so every reported split can be recomputed from the table)."""
     rows = np.arange(len(test))
     started = time.perf_counter()
     ranks, top = rank_targets(rec, test, rows, config, "test ranking")
@@ -112,6 +119,9 @@ def evaluate_ranking(
     metrics["eval_seconds"] = time.perf_counter() - started
     buckets = popularity_buckets(popularity)[test.target]
     metrics["by_popularity"] = by_bucket(ranking_metrics, buckets, ranks, count="users")
+    if data.cold is not None:  # recall on test targets that no training sequence held
+        cold = data.cold[test.target]
+        metrics["cold_items"] = {"users": int(cold.sum()), **ranking_metrics(ranks[cold])}
     predicted = top[top >= 0]
     metrics["predictions_valid"] = bool((predicted < data.n_items).all())
     if rec.ranking == "generate":
@@ -127,6 +137,10 @@ def evaluate_ranking(
             "rank": pa.array(ranks, pa.int64()),
             "top10": pa.array(
                 [[data.item_ids[i] for i in r if i >= 0] for r in top], pa.list_(pa.string())
+            ),
+            "target_popularity": pa.array([BUCKETS[b] for b in buckets], pa.string()),
+            "target_cold": pa.array(
+                data.cold[test.target] if data.cold is not None else np.zeros(len(rows), bool)
             ),
         }
     )

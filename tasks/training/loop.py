@@ -80,6 +80,7 @@ def train(
     gives the validation metrics of the model as it stands; the weights with the best `metric`
     are kept. `rec` needs only `module`, `device` and `loss(batch)` (a `Recommender` or a click
     model).
+    The last row says what ended training (`stopped_by`: patience, time_limit or epochs).
     Progress: steps of all epochs, with the epoch, its ETA and the running loss;
     `progress(epoch, epochs, row)` after each epoch."""
     model, device = rec.module, rec.device
@@ -142,6 +143,12 @@ def train(
                 else:
                     waited += 1
             history.append(row)
+            if waited >= config.patience:
+                row["stopped_by"] = "patience"
+            elif out_of_time:
+                row["stopped_by"] = "time_limit"
+            elif epoch == config.epochs:
+                row["stopped_by"] = "epochs"
             if progress is not None:
                 progress(epoch, config.epochs, row)
             if waited >= config.patience:

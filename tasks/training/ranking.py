@@ -37,7 +37,7 @@ def machine() -> str:
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads"
 
 
-def _epoch_lines(config: TrainConfig):
+def epoch_lines(config: TrainConfig):
     """One log line per finished epoch (the steps' progress comes from the training loop)."""
     logger = get_run_logger()
 
@@ -59,13 +59,19 @@ class Trained:
     seconds: float
 
 
-def train_model(store: ArtifactStore, config: TrainConfig, progress=None) -> Trained:
-    """Load the data, build the configured model and train it (the best weights kept)."""
+def train_model(
+    store: ArtifactStore, config: TrainConfig, progress=None, training: TrainingData | None = None
+) -> Trained:
+    """Load the data (unless given), build the configured model and train it (the best
+    weights kept)."""
     started = time.perf_counter()
-    log.info(
-        "prepare: reading %s's published SIDs and %s", config.data.catalog, config.data.interactions
-    )
-    training = load_training_data(store, config.data)
+    if training is None:
+        log.info(
+            "prepare: reading %s's published SIDs and %s",
+            config.data.catalog,
+            config.data.interactions,
+        )
+        training = load_training_data(store, config.data)
     data = training.data
     log.info(
         "prepare: %s users, %s items read in %.1fs; building %s",
@@ -111,7 +117,7 @@ def train_model(store: ArtifactStore, config: TrainConfig, progress=None) -> Tra
 def evaluate_run(store: ArtifactStore, flow: str, run_id: str, device=None) -> tuple[dict, object]:
     """Test metrics and predictions of a trained run, from its checkpoint alone (its config.json
     says which data, model and evaluation settings). Writes nothing."""
-    config, training, rec = load_checkpoint(store, flow, run_id, device or "cpu")
+    config, training, rec = load_checkpoint(store, training_dir(flow, run_id), device or "cpu")
     test = split(training.data, config.data.max_history, "test")
     metrics, predictions = evaluate_ranking(
         rec, training.data, test, training.popularity(), config.eval
@@ -121,8 +127,9 @@ def evaluate_run(store: ArtifactStore, flow: str, run_id: str, device=None) -> t
 
 @task(name="train-recommender", cache_policy=NO_CACHE)
 def train_task(store: ArtifactStore, config: TrainConfig, flow: str, run_id: str) -> dict:
-    trained = train_model(store, config, _epoch_lines(config))
-    save_checkpoint(store, flow, run_id, config, trained.training, trained.rec, trained.history)
+    trained = train_model(store, config, epoch_lines(config))
+    where = training_dir(flow, run_id)
+    save_checkpoint(store, where, config, trained.training, trained.rec, trained.history)
     best = [row["epoch"] for row in trained.history if row.get("best")]
     return {
         "epochs": len(trained.history),

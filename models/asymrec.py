@@ -1,0 +1,228 @@
+"""AsymRec: continuous item embeddings in, multi-view discrete codes out (asymmetric SIDs).
+
+    history items -> published content embeddings -> MSP (K expert projections mixed by a
+    router) -> SASRec's causal encoder -> hidden state h -> one head per view and level (MHQ)
+
+- **MSP** (input side): each history item enters as its published content embedding
+  (standardized), mapped to the hidden size by `experts` linear projections mixed by a softmax
+  router over the same embedding. No item-id table: a cold item has an input like any other.
+  `experts: 1` is one linear projection (the no-MSP ablation).
+- **MHQ** (output side): every item has codes in several views, each quantized into `levels`
+  residual levels (`models.mhq`: EMA codebooks, semantic regularizer), fitted when the model is
+  built from the published embeddings and the training sequences only, deterministic for a seed,
+  and saved with the weights (the codes are a buffer, the frozen quantizers a submodule).
+  `targets: published` uses the published SIDs (codes + collision suffix) as the only view
+  instead (the no-MHQ ablation).
+- **Heads and decoding**: each code of each view and level has an output embedding; the decoder
+  predicts every view's codes in parallel (a softmax over each level's codebook), and an item's
+  score is the sum of its codes' logits, i.e. h . (sum of its code embeddings). Ranking scores
+  every catalog item this way, so every returned item exists, and the ranking is exact.
+- **Loss**: `code_loss_weight` x the mean cross-entropy of the target's code at every view and
+  level, plus `item_loss_weight` x the cross-entropy of the target among all items scored by
+  their codes; at every position of SASRec's training windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from sidpipe.errors import TrainingDataError
+from sidpipe.models.mhq import collaborative_view, fit_view
+from sidpipe.models.recommender import Batches, Examples, RecData, Recommender
+from sidpipe.models.sasrec import CausalEncoder, SequenceWindows
+
+log = logging.getLogger(__name__)
+View = Literal["content", "collaborative"]
+
+
+class AsymRecConfig(BaseModel):
+    """AsymRec's hyperparameters (the `model:` section of a training config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: Literal["asymrec"] = "asymrec"
+    d_model: int = 64
+    heads: int = 2
+    layers: int = 2
+    dropout: float = Field(default=0.3, ge=0, lt=1)
+    experts: int = Field(
+        default=4, ge=1, description="MSP's expert projections (1: one linear projection)."
+    )
+    targets: Literal["mhq", "published"] = Field(
+        default="mhq", description="mhq: the views below; published: the published SIDs."
+    )
+    views: list[View] = Field(default=["content", "collaborative"], min_length=1)
+    levels: int = Field(default=3, ge=1, description="Residual levels per view.")
+    codebook_size: int = Field(
+        default=256, ge=2, description="Codes per level (fewer for a catalog under 16x this)."
+    )
+    latent_dim: int = Field(default=32, ge=2, description="Quantizer latent size.")
+    collaborative_dim: int = Field(default=64, ge=2, description="PPMI-SVD dimensions.")
+    semantic_weight: float = Field(default=1.0, ge=0, description="Semantic regularizer.")
+    quantizer_steps: int = Field(default=1000, ge=1, description="MHQ fitting steps per view.")
+    item_loss_weight: float = Field(default=1.0, ge=0)
+    code_loss_weight: float = Field(default=1.0, ge=0)
+    seed: int = Field(default=42, description="Seed of the MHQ fit.")
+
+
+class AsymRecNet(CausalEncoder):
+    """Content embeddings [n, D] and target codes [n, C] (buffers) -> next-item losses/scores."""
+
+    def __init__(
+        self,
+        content: np.ndarray,
+        codes: np.ndarray,
+        sizes: list[int],
+        config: AsymRecConfig,
+        max_history: int,
+    ) -> None:
+        super().__init__(config.d_model, config.heads, config.layers, config.dropout, max_history)
+        self.config = config
+        x = torch.from_numpy(np.asarray(content, np.float32))
+        x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
+        self.register_buffer("content", torch.cat([torch.zeros(1, x.shape[1]), x]))  # 0: padding
+        self.register_buffer("codes", torch.from_numpy(np.asarray(codes, np.int64)))
+        self.sizes = list(sizes)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self.register_buffer("offsets", torch.from_numpy(starts.astype(np.int64)))
+        d, k = config.d_model, config.experts
+        self.experts = nn.Linear(x.shape[1], k * d)
+        self.router = nn.Linear(x.shape[1], k) if k > 1 else None
+        self.code_embedding = nn.Embedding(int(sum(sizes)), d)
+        nn.init.normal_(self.code_embedding.weight, std=0.02)
+
+    def project(self, items: torch.Tensor) -> torch.Tensor:
+        """MSP: items [B, T] (1-based, 0 = padding) -> inputs [B, T, d]."""
+        x = self.content[items]
+        out = self.experts(x).unflatten(-1, (self.config.experts, self.config.d_model))
+        if self.router is None:
+            return out[..., 0, :]
+        gate = torch.softmax(self.router(x), dim=-1)
+        return (gate.unsqueeze(-1) * out).sum(-2)
+
+    def states(self, history: torch.Tensor) -> torch.Tensor:
+        return self.encode(self.project(history), history != 0)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """[n, d]: the sum of each item's code embeddings over views and levels."""
+        return self.code_embedding(self.codes + self.offsets).sum(1)
+
+    def forward(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        real = targets > 0
+        h = self.states(history)[real]
+        target = targets[real] - 1
+        loss = h.new_zeros(())
+        if self.config.item_loss_weight:
+            logits = h @ self.item_embeddings().T
+            loss = loss + self.config.item_loss_weight * F.cross_entropy(logits.float(), target)
+        if self.config.code_loss_weight:
+            logits = (h @ self.code_embedding.weight.T).float()
+            codes = self.codes[target]
+            per_level = [
+                F.cross_entropy(logits[:, start : start + size], codes[:, c])
+                for c, (start, size) in enumerate(
+                    zip(self.offsets.tolist(), self.sizes, strict=True)
+                )
+            ]
+            loss = loss + self.config.code_loss_weight * torch.stack(per_level).mean()
+        return loss
+
+    @torch.no_grad()
+    def scores(self, history: torch.Tensor) -> torch.Tensor:
+        return self.states(history)[:, -1] @ self.item_embeddings().T
+
+
+class AsymRecRecommender(Recommender):
+    """AsymRec in the shared harness: SASRec's windows in, exact scores of every item out."""
+
+    name = "asymrec"
+    config_class = AsymRecConfig
+    ranking = "score"
+
+    def __init__(self, config: AsymRecConfig, data: RecData, max_history: int) -> None:
+        if data.embeddings is None:
+            raise TrainingDataError(
+                "asymrec needs the published content embeddings (embeddings.parquet)",
+                hint="publish the catalog again with this version of sidpipe",
+            )
+        self.config, self.max_history = config, max_history
+        started = time.perf_counter()
+        quantizers: dict[str, nn.Module] = {}
+        if config.targets == "published":
+            codes = np.column_stack([data.codes, data.suffix])
+            sizes = [*data.codebook_sizes, int(data.suffix.max()) + 1]
+            self.targets = {"published": {"sizes": sizes}}
+        else:
+            codes, sizes, self.targets, quantizers = fit_mhq(config, data)
+        log.info(
+            "asymrec targets (%s): %d codes per item, fitted in %.1fs",
+            config.targets,
+            len(sizes),
+            time.perf_counter() - started,
+        )
+        self.module = AsymRecNet(data.embeddings, codes, sizes, config, max_history)
+        self.module.quantizers = nn.ModuleDict(quantizers)  # frozen; saved with the weights
+
+    @classmethod
+    def build(cls, config: AsymRecConfig, data: RecData, max_history: int) -> AsymRecRecommender:
+        return cls(config, data, max_history)
+
+    def batches(self, data: RecData, train: Examples, batch_size: int, seed: int) -> Batches:
+        return SequenceWindows(data.sequences, self.max_history, batch_size, seed)
+
+    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        inputs, targets = batch
+        return self.module(inputs, targets)
+
+    @torch.no_grad()
+    def score(self, examples: Examples) -> torch.Tensor:
+        self.module.eval()
+        history = torch.from_numpy(np.where(examples.history >= 0, examples.history + 1, 0))
+        return self.module.scores(history.to(self.device)).float().cpu()
+
+    def summary(self) -> dict:
+        return {
+            "tasks": ["next_item_codes"],
+            "experts": self.config.experts,
+            "targets": self.targets,
+        }
+
+
+def fit_mhq(config: AsymRecConfig, data: RecData) -> tuple[np.ndarray, list[int], dict, dict]:
+    """MHQ's codes [n_items, views x levels], the codebook sizes, a report per view and the
+    fitted quantizer of each view."""
+    size = min(config.codebook_size, max(2, data.n_items // 16))
+    sizes = [size] * config.levels
+    content = np.asarray(data.embeddings, np.float32)
+    columns, reports, quantizers = [], {}, {}
+    for v, view in enumerate(config.views):
+        if view == "content":
+            x = content
+        else:
+            train_parts = [seq[:-2] for seq in data.sequences]
+            x, learned = collaborative_view(
+                train_parts, data.n_items, content, config.collaborative_dim, seed=config.seed
+            )
+        quantizers[view], codes, report = fit_view(
+            x,
+            config.latent_dim,
+            sizes,
+            steps=config.quantizer_steps,
+            semantic=config.semantic_weight,
+            seed=config.seed + 100 * v,
+        )
+        if view == "collaborative":
+            report["items_from_interactions"] = int(learned.sum())
+        columns.append(codes)
+        reports[view] = report
+    codes = np.concatenate(columns, 1)
+    reports["distinct_items"] = float(len(np.unique(codes, axis=0)) / max(len(codes), 1))
+    return codes, sizes * len(config.views), reports, quantizers
