@@ -9,7 +9,8 @@
   `experts: 1` is one linear projection (the no-MSP ablation).
 - **MHQ** (output side): every item has codes in several views, each quantized into `levels`
   residual levels (`models.mhq`: EMA codebooks, semantic regularizer), fitted when the model is
-  built from the published embeddings and the training sequences only, deterministic for a seed,
+  built from the published embeddings of the items training sequences hold and from those
+  sequences (then every item, cold ones too, is encoded), deterministic for a seed,
   and saved with the weights (the codes are a buffer, the frozen quantizers a submodule).
   `targets: published` uses the published SIDs (codes + collision suffix) as the only view
   instead (the no-MHQ ablation).
@@ -202,12 +203,14 @@ def fit_mhq(config: AsymRecConfig, data: RecData) -> tuple[np.ndarray, list[int]
     size = min(config.codebook_size, max(2, data.n_items // 16))
     sizes = [size] * config.levels
     content = np.asarray(data.embeddings, np.float32)
+    train_parts = [seq[:-2] for seq in data.sequences]
+    seen = np.zeros(data.n_items, bool)
+    seen[np.concatenate(train_parts)] = True
     columns, reports, quantizers = [], {}, {}
     for v, view in enumerate(config.views):
         if view == "content":
             x = content
         else:
-            train_parts = [seq[:-2] for seq in data.sequences]
             x, learned = collaborative_view(
                 train_parts, data.n_items, content, config.collaborative_dim, seed=config.seed
             )
@@ -218,6 +221,7 @@ def fit_mhq(config: AsymRecConfig, data: RecData) -> tuple[np.ndarray, list[int]
             steps=config.quantizer_steps,
             semantic=config.semantic_weight,
             seed=config.seed + 100 * v,
+            fit_rows=np.flatnonzero(seen) if seen.sum() >= 2 * max(sizes) else None,
         )
         if view == "collaborative":
             report["items_from_interactions"] = int(learned.sum())

@@ -17,6 +17,10 @@ The views (`collaborative_view` builds the second one):
   regression from content to collaborative embedding fitted on the other items, so every item has
   codes in every view.
 
+The quantizers are fitted on the items the training sequences hold and then encode every item:
+a cold item gets codes its warm neighbours use (codes only cold items chose would never be a
+training target, and their output embeddings would stay at their initial values).
+
 Deterministic for a seed (one torch thread). Knows arrays and tensors only.
 """
 
@@ -107,12 +111,15 @@ def fit_view(
     semantic: float = 1.0,
     decay: float = 0.99,
     seed: int = 42,
+    fit_rows: np.ndarray | None = None,
 ) -> tuple[ViewQuantizer, np.ndarray, dict]:
-    """A quantizer fitted on one view's vectors x [N, D]; (quantizer, codes [N, L], report)."""
+    """A quantizer fitted on the rows `fit_rows` (all: None) of one view's vectors x [N, D];
+    (quantizer, codes of every row [N, L], report)."""
     with reproducible_threads():
         torch.manual_seed(seed)
         rng = np.random.default_rng(seed)
-        x = np.ascontiguousarray(x, np.float32)
+        every = np.ascontiguousarray(x, np.float32)
+        x = every if fit_rows is None else np.ascontiguousarray(every[fit_rows])
         latent_dim = min(latent_dim, x.shape[1])
         vq = ViewQuantizer(x.shape[1], latent_dim, sizes, decay)
         xt = torch.from_numpy(x)
@@ -150,13 +157,14 @@ def fit_view(
         _polish(vq, xt)
         vq.requires_grad_(False)
         vq.eval()
-        codes = vq.encode(x)
+        codes = vq.encode(every)
     report = {
         "sizes": list(sizes),
         "latent_dim": latent_dim,
         "steps": steps,
         "final_losses": {k: float(v.detach()) for k, v in parts.items()},
-        "reconstruction_cosine": vq.reconstruction_cosine(x),
+        "fitted_on": len(x),
+        "reconstruction_cosine": vq.reconstruction_cosine(every),
         "usage": [float(len(np.unique(codes[:, level])) / k) for level, k in enumerate(sizes)],
         "distinct_tuples": float(len(np.unique(codes, axis=0)) / max(len(codes), 1)),
         "dead_code_restarts": restarts,
