@@ -48,7 +48,8 @@ def seed_everything(config: TrainConfig) -> None:
 
 
 def count_parameters(module: torch.nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
+    """Trainable parameters (frozen parts, e.g. AsymRec's fitted quantizers, not counted)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
 def cosine_with_warmup(step: int, warmup: int, total: int, clock: float = 0.0) -> float:
