@@ -37,8 +37,8 @@ from torch import nn
 
 from sidpipe.errors import TrainingDataError
 from sidpipe.models.mhq import collaborative_view, fit_view
-from sidpipe.models.recommender import Batches, Examples, RecData, Recommender
-from sidpipe.models.sasrec import CausalEncoder, SequenceWindows
+from sidpipe.models.recommender import RecData
+from sidpipe.models.sasrec import CausalEncoder, SequenceScorer
 
 log = logging.getLogger(__name__)
 View = Literal["content", "collaborative"]
@@ -141,12 +141,11 @@ class AsymRecNet(CausalEncoder):
         return self.states(history)[:, -1] @ self.item_embeddings().T
 
 
-class AsymRecRecommender(Recommender):
+class AsymRecRecommender(SequenceScorer):
     """AsymRec in the shared harness: SASRec's windows in, exact scores of every item out."""
 
     name = "asymrec"
     config_class = AsymRecConfig
-    ranking = "score"
 
     def __init__(self, config: AsymRecConfig, data: RecData, max_history: int) -> None:
         if data.embeddings is None:
@@ -171,23 +170,6 @@ class AsymRecRecommender(Recommender):
         )
         self.module = AsymRecNet(data.embeddings, codes, sizes, config, max_history)
         self.module.quantizers = nn.ModuleDict(quantizers)  # frozen; saved with the weights
-
-    @classmethod
-    def build(cls, config: AsymRecConfig, data: RecData, max_history: int) -> AsymRecRecommender:
-        return cls(config, data, max_history)
-
-    def batches(self, data: RecData, train: Examples, batch_size: int, seed: int) -> Batches:
-        return SequenceWindows(data.sequences, self.max_history, batch_size, seed)
-
-    def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
-        inputs, targets = batch
-        return self.module(inputs, targets)
-
-    @torch.no_grad()
-    def score(self, examples: Examples) -> torch.Tensor:
-        self.module.eval()
-        history = torch.from_numpy(np.where(examples.history >= 0, examples.history + 1, 0))
-        return self.module.scores(history.to(self.device)).float().cpu()
 
     def summary(self) -> dict:
         return {

@@ -88,19 +88,16 @@ class SASRec(CausalEncoder):
         return self.states(history)[:, -1] @ self.item.weight[1:].T
 
 
-class SASRecRecommender(Recommender):
-    """SASRec in the shared harness: item-id sequences in, exact scores of every item out."""
+class SequenceScorer(Recommender):
+    """A recommender that reads item histories (ids 1..n, 0 = padding) and scores every item:
+    trained on `SequenceWindows` (every position a target) with `module(history, targets)` as
+    the loss, ranked exactly by `module.scores(history)`. SASRec and AsymRec are two."""
 
-    name = "sasrec"
-    config_class = SASRecConfig
     ranking = "score"
-
-    def __init__(self, config: SASRecConfig, data: RecData, max_history: int) -> None:
-        self.config, self.max_history = config, max_history
-        self.module = SASRec(data.n_items, config, max_history)
+    max_history: int
 
     @classmethod
-    def build(cls, config: SASRecConfig, data: RecData, max_history: int) -> SASRecRecommender:
+    def build(cls, config, data: RecData, max_history: int) -> SequenceScorer:
         return cls(config, data, max_history)
 
     def batches(self, data: RecData, train: Examples, batch_size: int, seed: int) -> Batches:
@@ -115,6 +112,17 @@ class SASRecRecommender(Recommender):
         self.module.eval()
         history = torch.from_numpy(np.where(examples.history >= 0, examples.history + 1, 0))
         return self.module.scores(history.to(self.device)).float().cpu()
+
+
+class SASRecRecommender(SequenceScorer):
+    """SASRec in the shared harness: item-id sequences in, exact scores of every item out."""
+
+    name = "sasrec"
+    config_class = SASRecConfig
+
+    def __init__(self, config: SASRecConfig, data: RecData, max_history: int) -> None:
+        self.config, self.max_history = config, max_history
+        self.module = SASRec(data.n_items, config, max_history)
 
     def summary(self) -> dict:
         return {"tasks": ["next_item"]}
