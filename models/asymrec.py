@@ -17,7 +17,9 @@
 - **Heads and decoding**: each code of each view and level has an output embedding; the decoder
   predicts every view's codes in parallel (a softmax over each level's codebook), and an item's
   score is the sum of its codes' logits, i.e. h . (sum of its code embeddings). Ranking scores
-  every catalog item this way, so every returned item exists, and the ranking is exact.
+  every catalog item this way, so every returned item exists, and the ranking is exact. An item
+  no training sequence held (a cold item) is ranked by its content view's codes alone
+  (`unseen_items: content`): its collaborative codes were guessed from content and never trained.
 - **Loss**: `code_loss_weight` x the mean cross-entropy of the target's code at every view and
   level, plus `item_loss_weight` x the cross-entropy of the target among all items scored by
   their codes; at every position of SASRec's training windows.
@@ -69,6 +71,13 @@ class AsymRecConfig(BaseModel):
     collaborative_dim: int = Field(default=64, ge=2, description="PPMI-SVD dimensions.")
     semantic_weight: float = Field(default=1.0, ge=0, description="Semantic regularizer.")
     quantizer_steps: int = Field(default=1000, ge=1, description="MHQ fitting steps per view.")
+    unseen_items: Literal["codes", "content"] = Field(
+        default="content",
+        description=(
+            "Ranking an item no training sequence held: by all its codes, or by its content"
+            " view's codes only (scaled to as many views), which its warm neighbours trained."
+        ),
+    )
     item_loss_weight: float = Field(default=1.0, ge=0)
     code_loss_weight: float = Field(default=1.0, ge=0)
     seed: int = Field(default=42, description="Seed of the MHQ fit.")
@@ -91,6 +100,7 @@ class AsymRecNet(CausalEncoder):
         x = (x - x.mean(0)) / x.std(0).clamp_min(1e-6)
         self.register_buffer("content", torch.cat([torch.zeros(1, x.shape[1]), x]))  # 0: padding
         self.register_buffer("codes", torch.from_numpy(np.asarray(codes, np.int64)))
+        self.register_buffer("unseen", torch.zeros(len(codes), dtype=torch.bool))
         self.sizes = list(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.register_buffer("offsets", torch.from_numpy(starts.astype(np.int64)))
@@ -136,9 +146,26 @@ class AsymRecNet(CausalEncoder):
             loss = loss + self.config.code_loss_weight * torch.stack(per_level).mean()
         return loss
 
+    def ranking_embeddings(self) -> torch.Tensor:
+        """What items are ranked by: `item_embeddings`, except (`unseen_items: content`) an
+        item no training sequence held is scored by its content view's codes alone."""
+        table = self.item_embeddings()
+        views = self.config.views
+        if self.config.targets != "mhq" or self.config.unseen_items != "content":
+            return table
+        if "content" not in views or not self.unseen.any():
+            return table
+        first = views.index("content") * self.config.levels
+        columns = (
+            self.codes[:, first : first + self.config.levels]
+            + self.offsets[first : first + self.config.levels]
+        )
+        content = self.code_embedding(columns).sum(1) * len(views)
+        return torch.where(self.unseen[:, None], content, table)
+
     @torch.no_grad()
     def scores(self, history: torch.Tensor) -> torch.Tensor:
-        return self.states(history)[:, -1] @ self.item_embeddings().T
+        return self.states(history)[:, -1] @ self.ranking_embeddings().T
 
 
 class AsymRecRecommender(SequenceScorer):
@@ -170,6 +197,10 @@ class AsymRecRecommender(SequenceScorer):
         )
         self.module = AsymRecNet(data.embeddings, codes, sizes, config, max_history)
         self.module.quantizers = nn.ModuleDict(quantizers)  # frozen; saved with the weights
+        seen = np.zeros(data.n_items, bool)
+        for seq in data.sequences:
+            seen[seq[:-2]] = True  # the training parts
+        self.module.unseen.copy_(torch.from_numpy(~seen))
 
     def summary(self) -> dict:
         return {
