@@ -76,11 +76,12 @@ class SASRec(CausalEncoder):
         return self.encode(self.item(history) * self.config.d_model**0.5, history != 0)
 
     def forward(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of the next item at every non-padding position."""
-        logits = self.states(history) @ self.item.weight[1:].T
-        return F.cross_entropy(
-            logits.reshape(-1, self.n_items).float(), (targets - 1).reshape(-1), ignore_index=-1
-        )
+        """Cross-entropy of the next item at every non-padding position (logits are computed for
+        those positions only: a short window is mostly padding, and the item softmax is most of
+        a step's cost)."""
+        real = targets > 0
+        logits = self.states(history)[real] @ self.item.weight[1:].T
+        return F.cross_entropy(logits.float(), targets[real] - 1)
 
     @torch.no_grad()
     def scores(self, history: torch.Tensor) -> torch.Tensor:
