@@ -27,6 +27,7 @@ from sidpipe.errors import (
 )
 from sidpipe.flows.clean_failures import fail_cleanly
 from sidpipe.flows.nightly import nightly_tokenization
+from sidpipe.redact import redact_urls
 
 NIGHTLY_DEPLOYMENT = "nightly-tokenization/nightly"
 
@@ -45,12 +46,17 @@ def dates_between(start: date, end: date) -> list[date]:
 
 
 def without_secrets(overrides: dict | None) -> dict:
-    """Settings for a child run's `config` parameter. API keys never travel as parameters
-    (Prefect shows parameters in the UI): workers get them from their environment."""
+    """Settings for a child run's `config` parameter. API keys and URLs with credentials in
+    them (http://user:password@host) never travel as parameters (Prefect shows parameters in
+    the UI): workers get them from their environment."""
+
+    def secret(key: str, value: object) -> bool:
+        return key == "api_key" or (key == "url" and redact_urls(str(value)) != str(value))
+
     cleaned = {}
     for key, value in (overrides or {}).items():
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k != "api_key"}
+            value = {k: v for k, v in value.items() if not secret(k, v)}
         cleaned[key] = value
     return cleaned
 

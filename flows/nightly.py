@@ -33,7 +33,13 @@ from sidpipe.tasks.ingest import ingest_task
 from sidpipe.tasks.interests import interests_task
 from sidpipe.tasks.preflight import preflight
 from sidpipe.tasks.publish import publish_task
-from sidpipe.tasks.runs import mark_failed, mark_published, new_run_id, start_run
+from sidpipe.tasks.runs import (
+    check_items_left,
+    mark_failed,
+    mark_published,
+    new_run_id,
+    start_run,
+)
 from sidpipe.tasks.shards import gather_task
 
 
@@ -77,7 +83,7 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
     run_id = new_run_id(parent_run)
     lock = StoreLock(
         store,
-        catalog_lock_name(config.catalog.name),
+        catalog_lock_name(config.catalog.store_name),
         run_id=run_id,
         ttl_seconds=orchestration.lock_ttl_seconds,
         wait_seconds=orchestration.lock_wait_seconds,
@@ -97,6 +103,7 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
         shards_in_flight: list = []
         try:
             ingest = ingest_task(store, config, run)
+            check_items_left(store, config, run, ingest, [])  # enough for a fit: else stop here
             shards = list(range(ingest.shard_count))
             # Per shard, interests waits only for its own shard's captions, embed for its own
             # interests: shards flow through the three stages independently.
@@ -113,6 +120,7 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
             caption = gather_task(store, run, [f.result() for f in captions])
             interest = gather_task(store, run, [f.result() for f in interests])
             embed = gather_task(store, run, [f.result() for f in embeds])
+            check_items_left(store, config, run, ingest, [caption, interest, embed])
             fit = fit_task(store, config, run, embed)
             assign = assign_task(store, config, run, embed, fit)
             lock.ensure_held()

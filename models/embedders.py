@@ -123,7 +123,12 @@ class GMEServerEmbedder:
     last-token pooling matches GME's reference embeddings. Vectors are L2-normalized here.
     """
 
-    def __init__(self, config: EmbedConfig, allow_http_images: bool = False) -> None:
+    def __init__(
+        self,
+        config: EmbedConfig,
+        allow_http_images: bool = False,
+        allowed_image_hosts: Sequence[str] = (),
+    ) -> None:
         self.config = config
         self.name = config.model
         self.revision = config.revision
@@ -131,6 +136,7 @@ class GMEServerEmbedder:
         self.max_pixels = config.max_pixels
         self.max_image_bytes = config.max_image_bytes
         self.allow_http_images = allow_http_images
+        self.allowed_image_hosts = list(allowed_image_hosts)
         self.dim: int | None = None
         self.usage = None
 
@@ -179,6 +185,7 @@ class GMEServerEmbedder:
                         self.max_image_bytes,
                         self.max_pixels,
                         self.allow_http_images,
+                        self.allowed_image_hosts,
                     )
                 vector = np.asarray(
                     await client.embed(

@@ -14,8 +14,12 @@ from __future__ import annotations
 import base64
 import io
 import math
+from collections.abc import Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from sidpipe.redact import redact_urls
+from sidpipe.storage.image_policy import UNSAFE, allow_listed, host_problem, resolve_host
 
 PATCH = 28
 Image.MAX_IMAGE_PIXELS = 64_000_000  # refuse decompression bombs early
@@ -25,24 +29,25 @@ class ImageError(ValueError):
     """An item image that cannot be used (missing, too large, not decodable, not allowed)."""
 
 
-def read_image_bytes(uri: str, max_bytes: int, allow_http: bool, timeout: float = 30.0) -> bytes:
-    """Raw bytes of a local, s3:// or (when allowed) http(s):// image, at most `max_bytes`."""
+MAX_REDIRECTS = 5
+
+
+def read_image_bytes(
+    uri: str,
+    max_bytes: int,
+    allow_http: bool,
+    timeout: float = 30.0,
+    allowed_hosts: Sequence[str] = (),
+) -> bytes:
+    """Raw bytes of a local, s3:// or (when allowed) http(s):// image, at most `max_bytes`.
+
+    An http(s) host is checked here again (ingest did, but a DNS answer can change): one that is
+    or resolves to a non-public address is refused unless `allowed_hosts` names it, and so is
+    every redirect hop (docs/security.md)."""
     if uri.startswith(("http://", "https://")):
         if not allow_http:
-            raise ImageError(f"http(s) images are disabled: {uri}")
-        import httpx
-
-        try:
-            with httpx.stream("GET", uri, timeout=timeout, follow_redirects=True) as response:
-                response.raise_for_status()
-                data = bytearray()
-                for chunk in response.iter_bytes():
-                    data.extend(chunk)
-                    if len(data) > max_bytes:
-                        raise ImageError(f"image larger than {max_bytes:,} bytes: {uri}")
-                return bytes(data)
-        except httpx.HTTPError as exc:
-            raise ImageError(f"cannot download {uri}: {exc}") from exc
+            raise ImageError(f"http(s) images are disabled: {redact_urls(uri)}")
+        return _download(uri, max_bytes, timeout, allowed_hosts)
     from sidpipe.storage.store import open_filesystem
 
     try:
@@ -56,8 +61,55 @@ def read_image_bytes(uri: str, max_bytes: int, allow_http: bool, timeout: float 
         raise ImageError(f"image not found: {uri}") from None
     except ImageError:
         raise
-    except Exception as exc:  # noqa: BLE001 - any storage error is this item's error
+    except Exception as exc:  # noqa: BLE001 - any storage error for this item's error
         raise ImageError(f"cannot read {uri}: {exc}") from exc
+
+
+def _pinned_request(url, allowed_hosts: Sequence[str]) -> tuple[object, dict, dict]:
+    """(URL to connect to, headers, extensions) for one hop: the host checked and, unless it is
+    allow-listed by name, pinned to the checked address so that no second DNS answer is used
+    (the Host header and the TLS server name stay the host's)."""
+    host = url.host
+    if allow_listed(host, allowed_hosts):
+        return url, {}, {}
+    try:
+        addresses = resolve_host(host)
+    except (OSError, UnicodeError, ValueError) as exc:
+        raise ImageError(f"cannot resolve {host}: {exc}") from None
+    if (problem := host_problem(host, allowed_hosts, addresses)) is not None:
+        raise ImageError(f"{UNSAFE}{problem}: {redact_urls(str(url))}")
+    if str(addresses[0]) == host:  # an IP address already
+        return url, {}, {}
+    headers = {"Host": host if url.port is None else f"{host}:{url.port}"}
+    extensions = {"sni_hostname": host} if url.scheme == "https" else {}
+    return url.copy_with(host=str(addresses[0])), headers, extensions
+
+
+def _download(uri: str, max_bytes: int, timeout: float, allowed_hosts: Sequence[str]) -> bytes:
+    import httpx
+
+    shown = redact_urls(uri)
+    try:
+        url = httpx.URL(uri)
+        with httpx.Client(timeout=timeout, follow_redirects=False) as client:
+            for _ in range(MAX_REDIRECTS + 1):
+                if url.scheme not in ("http", "https"):
+                    raise ImageError(f"redirected to a {url.scheme}:// URL: {shown}")
+                target, headers, extensions = _pinned_request(url, allowed_hosts)
+                with client.stream("GET", target, headers=headers, extensions=extensions) as answer:
+                    if answer.is_redirect:
+                        url = url.join(answer.headers["location"])
+                        continue
+                    answer.raise_for_status()
+                    data = bytearray()
+                    for chunk in answer.iter_bytes():
+                        data.extend(chunk)
+                        if len(data) > max_bytes:
+                            raise ImageError(f"image larger than {max_bytes:,} bytes: {shown}")
+                    return bytes(data)
+        raise ImageError(f"more than {MAX_REDIRECTS} redirects: {shown}")
+    except (httpx.HTTPError, httpx.InvalidURL) as exc:
+        raise ImageError(f"cannot download {shown}: {redact_urls(str(exc))}") from exc
 
 
 def decode_image(data: bytes, uri: str = "image") -> Image.Image:
@@ -89,7 +141,12 @@ def to_data_url(image: Image.Image, quality: int = 90) -> str:
 
 
 def image_url_for(
-    uri: str, transport: str, max_bytes: int, max_pixels: int, allow_http: bool
+    uri: str,
+    transport: str,
+    max_bytes: int,
+    max_pixels: int,
+    allow_http: bool,
+    allowed_hosts: Sequence[str] = (),
 ) -> str:
     """The `image_url.url` to send: a base64 data URL, or a file:// URL for servers started
     with --allowed-local-media-path that can read the same path."""
@@ -97,5 +154,5 @@ def image_url_for(
         if "://" in uri:
             raise ImageError(f"file_url transport needs a local path, got {uri}")
         return f"file://{uri}"
-    data = read_image_bytes(uri, max_bytes, allow_http)
+    data = read_image_bytes(uri, max_bytes, allow_http, allowed_hosts=allowed_hosts)
     return to_data_url(fit_pixel_budget(decode_image(data, uri), max_pixels))

@@ -4,7 +4,10 @@ What it does for every request:
 - keeps at most `max_in_flight` requests open per replica URL (enough to keep a vLLM batch
   full, never enough to flood it), and sends each request to the least busy replica;
 - retries 429, 5xx, timeouts and connection errors with exponential backoff and full jitter
-  (honouring `Retry-After`), moving to another replica when there is one;
+  (honouring `Retry-After`), moving to another replica when there is one; so are a 2xx with an
+  empty or non-JSON body (what a proxy or a restarting server answers) and a 2xx whose body is
+  an error object with a 5xx/429 code; an error object with another code (vLLM answers some
+  errors so) fails at once with the server's message, never passing as an answer;
 - counts requests, retries, failures and tokens.
 A request that still fails after the last retry raises `RequestFailedError`; callers record it as a
 per-item error and go on. `health_check()` fails fast, with the reason, when a server is down or
@@ -28,6 +31,7 @@ import aiohttp
 
 from sidpipe.config import ModelEndpointConfig
 from sidpipe.errors import EndpointUnavailableError
+from sidpipe.redact import redact_urls
 
 RETRY_STATUS = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -59,6 +63,11 @@ class _Replica:
     url: str
     slots: asyncio.Semaphore
     in_flight: int = 0
+
+    @property
+    def label(self) -> str:
+        """The URL as errors name it: without credentials."""
+        return redact_urls(self.url)
 
 
 class OpenAICompatClient:
@@ -113,12 +122,12 @@ class OpenAICompatClient:
                 served = [m.get("id") for m in listing.get("data", [])]
             except (aiohttp.ClientError, TimeoutError, ValueError, AttributeError) as exc:
                 problems.append(
-                    f"{replica.url}: unreachable or not an OpenAI-compatible server "
-                    f"({type(exc).__name__}: {exc})"
+                    f"{replica.label}: unreachable or not an OpenAI-compatible server "
+                    f"({type(exc).__name__}: {redact_urls(str(exc))})"
                 )
                 continue
             if self.endpoint.model not in served:
-                problems.append(f"{replica.url}: serves {served}, not {self.endpoint.model!r}")
+                problems.append(f"{replica.label}: serves {served}, not {self.endpoint.model!r}")
         if problems:
             raise EndpointUnavailableError("; ".join(problems))
 
@@ -140,11 +149,15 @@ class OpenAICompatClient:
             except TimeoutError:
                 return (
                     None,
-                    f"timeout after {self.endpoint.timeout_seconds:g}s from {replica.url}",
+                    f"timeout after {self.endpoint.timeout_seconds:g}s from {replica.label}",
                     {},
                 )
             except aiohttp.ClientError as exc:
-                return None, f"{type(exc).__name__} from {replica.url}: {exc}", {}
+                return (
+                    None,
+                    f"{type(exc).__name__} from {replica.label}: {redact_urls(str(exc))}",
+                    {},
+                )
             finally:
                 replica.in_flight -= 1
 
@@ -160,14 +173,30 @@ class OpenAICompatClient:
                 last_error = text
             elif status < 300:
                 try:
-                    payload = json.loads(text)
+                    payload = json.loads(text) if text.strip() else None
                 except ValueError:
-                    last_error = f"invalid JSON body from {replica.url}"
+                    payload = None
+                error = _error_in(payload)
+                if payload is None:
+                    # Empty or cut off: a proxy's or a restarting server's answer, so transient.
+                    last_error = (
+                        f"empty response body (HTTP {status}, {len(text.encode())} bytes) "
+                        f"from {replica.label}"
+                        if not text.strip()
+                        else f"invalid JSON body (HTTP {status}) from {replica.label}: "
+                        + text[:80].replace("\n", " ")
+                    )
+                elif error is not None:
+                    message, code = error
+                    last_error = f"HTTP {status} with an error body from {replica.label}: {message}"
+                    if code is None or not (code in RETRY_STATUS or code >= 500):
+                        self.usage.failures += 1
+                        raise RequestFailedError(last_error)
                 else:
                     self._count_tokens(payload)
                     return payload
             else:
-                last_error = f"HTTP {status} from {replica.url}: " + text[:200].replace("\n", " ")
+                last_error = f"HTTP {status} from {replica.label}: " + text[:200].replace("\n", " ")
                 if status not in RETRY_STATUS:
                     self.usage.failures += 1
                     raise RequestFailedError(last_error)
@@ -208,6 +237,29 @@ class OpenAICompatClient:
             return payload["data"][0]["embedding"]
         except (KeyError, IndexError, TypeError) as exc:
             raise RequestFailedError(f"malformed embeddings response: missing {exc}") from None
+
+
+def _error_in(payload: Any) -> tuple[str, int | None] | None:
+    """(message, code) when a 2xx body is an error, not an answer: vLLM's own error object
+    (`{"object": "error", "message", "type", "code"}`) or the OpenAI/proxy form
+    (`{"error": {"message", "type", "code"}}`). An answer with no choices is not one of these."""
+    if not isinstance(payload, dict):
+        return None
+    if payload.get("object") == "error":
+        error = payload
+    elif isinstance(payload.get("error"), dict | str) and not (
+        "choices" in payload or "data" in payload
+    ):
+        error = payload["error"]
+        error = error if isinstance(error, dict) else {"message": error}
+    else:
+        return None
+    message = str(error.get("message") or "no message")[:300].replace("\n", " ")
+    kind = error.get("type")
+    code = error.get("code")
+    code = int(code) if isinstance(code, int | str) and str(code).isdigit() else None
+    detail = ", ".join(str(v) for v in (kind, code) if v not in (None, ""))
+    return (f"{message} ({detail})" if detail else message), code
 
 
 def _retry_after(headers) -> float | None:

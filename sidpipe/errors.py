@@ -27,6 +27,9 @@ class SidpipeError(Exception):
 
     exit_code: int = EXIT_INPUT
     hint: str = ""
+    # What a run stopped by this error had done ({"counts": ..., "stages": ...}): its run log
+    # records it, so the counts of a run that published nothing still add up.
+    accounting: dict | None = None
 
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -61,10 +64,26 @@ class CatalogError(SidpipeError, ValueError):
     )
 
 
+class CatalogSourceError(SidpipeError, ValueError):
+    """A catalog name already stands for another source file."""
+
+    hint = "give this catalog its own name with --catalog-name"
+
+
 class CatalogTooSmallError(SidpipeError, ValueError):
     """Too few items for the tokenizer's codebooks, and the settings say not to shrink them."""
 
     hint = "use smaller tokenizer.codebook_sizes, or tokenizer.small_catalog=shrink"
+
+
+class NoItemsLeftError(SidpipeError, RuntimeError):
+    """Every item failed or was quarantined before the tokenizer: nothing can be published."""
+
+    exit_code = EXIT_FAILED
+    hint = (
+        "each item's reason is in the run's errors.parquet (`sidpipe inspect --runs`); fix the "
+        "cause and run again: finished work is kept and failed items are retried"
+    )
 
 
 class EmbeddingInputError(SidpipeError, ValueError):
@@ -141,6 +160,13 @@ class StoreError(SidpipeError, RuntimeError):
 
     exit_code = EXIT_UNAVAILABLE
     hint = "check the store URI, that it is writable, and for s3:// the AWS_* credentials"
+
+
+class CorruptArtifactError(StoreError):
+    """A stored file is not what was written: truncated, or its bytes fail their checksum."""
+
+    exit_code = EXIT_FAILED
+    hint = "restore the file from a backup or delete it; cached work is recomputed"
 
 
 class LockHeldError(SidpipeError, RuntimeError):

@@ -6,21 +6,26 @@ parameters); the input hash names the item's exact input to that stage. A lookup
 already computed, so a re-run or a crash-resume only computes what is missing.
 
 Parts are immutable and named by the hash of their input hashes: writing the same part twice is
-harmless, and two runs writing at once cannot corrupt each other. This module never decides what
-a key means; stages do.
+harmless, and two runs writing at once cannot corrupt each other. A part that fails its
+checksums (truncated, overwritten) is dropped and its items computed again. This module never
+decides what a key means; stages do.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from sidpipe.errors import CorruptArtifactError
 from sidpipe.storage.hashing import hash_strings, stable_hash
 from sidpipe.storage.layout import INPUT_HASH, cache_dir
 from sidpipe.storage.store import ArtifactStore, concat_tables
+
+log = logging.getLogger(__name__)
 
 
 def stage_key(stage: str, params: dict) -> str:
@@ -53,10 +58,15 @@ class StageCache:
         found: list[pa.Table] = []
         for part in self._parts():
             rel = self.store.relative(part)
-            hashes = self.store.read_parquet(rel, columns=[INPUT_HASH])[INPUT_HASH]
-            mask = pc.is_in(hashes, value_set=wanted)
-            if pc.any(mask).as_py():
-                found.append(self.store.read_parquet(rel).filter(mask))
+            try:
+                hashes = self.store.read_parquet(rel, columns=[INPUT_HASH])[INPUT_HASH]
+                mask = pc.is_in(hashes, value_set=wanted)
+                if pc.any(mask).as_py():
+                    found.append(self.store.read_parquet(rel).filter(mask))
+            except CorruptArtifactError as exc:
+                # A cache is only a cache: its rows are computed again (and stored again).
+                log.warning("cache: %s; dropped, its items are computed again", exc)
+                self.store.delete(rel)
         table = concat_tables(found)
         if table is None:
             return None

@@ -3,7 +3,7 @@
 A catalog is Parquet, JSONL or CSV (optionally gzipped), local or s3://. `read_catalog` returns
 its rows as dicts and the rows it could not parse (with reasons), or raises `CatalogError` when
 the file as a whole cannot be read. `check_images` says, per image URI, whether it is a non-empty
-file and what its content fingerprint is. `tasks.ingest` validates what these return.
+file (a local one: with an image format's signature) and what its content fingerprint is. `tasks.ingest` validates what these return.
 """
 
 from __future__ import annotations
@@ -200,9 +200,14 @@ def check_images(uris: list[str]) -> dict[str, tuple[str | None, str | None]]:
             elif scheme == "file":
                 # Local files are hashed: the same photo gives the same fingerprint on any clone.
                 try:
-                    result[uri] = (f"sha256:{_file_sha256(fs, entry['name'])}", None)
+                    digest, head = _file_sha256(fs, entry["name"])
                 except OSError as exc:
                     result[uri] = (None, f"image unreadable: {uri}: {exc}")
+                    continue
+                if image_format(head) is None:
+                    result[uri] = (None, f"not an image file (unknown format): {uri}")
+                else:
+                    result[uri] = (f"sha256:{digest}", None)
             else:
                 # Object stores: the ETag from the listing, no download of every image.
                 etag = entry.get("ETag") or entry.get("etag") or entry.get("mtime")
@@ -210,9 +215,31 @@ def check_images(uris: list[str]) -> dict[str, tuple[str | None, str | None]]:
     return result
 
 
-def _file_sha256(fs, path: str) -> str:
-    digest = hashlib.sha256()
+def _file_sha256(fs, path: str) -> tuple[str, bytes]:
+    """A file's sha256 and its first bytes."""
+    digest, head = hashlib.sha256(), b""
     with fs.open(path, "rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
+            head = head or block[:16]
             digest.update(block)
-    return digest.hexdigest()
+    return digest.hexdigest(), head
+
+
+# Signatures of the image formats the model stages decode (Pillow's, for the common ones).
+_SIGNATURES = {
+    b"\xff\xd8\xff": "jpeg",
+    b"\x89PNG\r\n\x1a\n": "png",
+    b"GIF87a": "gif",
+    b"GIF89a": "gif",
+    b"BM": "bmp",
+    b"II*\x00": "tiff",
+    b"MM\x00*": "tiff",
+}
+
+
+def image_format(head: bytes) -> str | None:
+    """The image format a file's first bytes announce (None: not an image sidpipe reads). Only
+    the signature is checked here; a truncated image is found when a model stage decodes it."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    return next((fmt for sig, fmt in _SIGNATURES.items() if head.startswith(sig)), None)

@@ -52,6 +52,10 @@ def registry_path(catalog: str) -> tuple[str, ...]:
     return ("tokenizers", "_registry", f"{catalog}.json")
 
 
+def catalog_source_path(catalog: str) -> tuple[str, ...]:
+    return ("catalogs", "_sources", f"{catalog}.json")
+
+
 def training_dir(flow: str, run_id: str, *parts: str) -> tuple[str, ...]:
     """A training run's folder (`parts`: one model's subfolder in a comparison run)."""
     return ("training", flow, run_id, *parts)

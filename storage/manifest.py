@@ -15,16 +15,19 @@ file's sha256 and row count, so a reader can check that what it reads is what wa
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, date, datetime
 from typing import Any
 
 from pydantic import BaseModel, Field
 
+from sidpipe.errors import CorruptArtifactError
 from sidpipe.storage.hashing import sha256_bytes
 from sidpipe.storage.layout import MANIFEST_NAME, RUN_RECORD_NAME, sids_dir, staging_dir
 from sidpipe.storage.store import ArtifactStore
 
 SCHEMA_VERSION = 1
+log = logging.getLogger(__name__)
 
 
 class StageStats(BaseModel):
@@ -129,17 +132,23 @@ def resumable_run(
     try:
         if read_manifest(store, catalog, run_date).run_id == latest.run_id:
             return None
-    except FileNotFoundError:
-        pass
+    except (FileNotFoundError, CorruptArtifactError):
+        pass  # a corrupt manifest is replaced when this date is published again
     return latest
 
 
 def run_records(store: ArtifactStore) -> list[RunRecord]:
-    """The run log, oldest first."""
-    records = [
-        RunRecord.model_validate(store.read_json(store.relative(p)))
-        for p in store.glob(f"runs/*/{RUN_RECORD_NAME}")
-    ]
+    """The run log, oldest first. A record that cannot be read (truncated by a crash of the
+    machine, overwritten) is left out with a warning: its run is then neither resumed nor
+    listed, and the next run starts afresh."""
+    records = []
+    for path in store.glob(f"runs/*/{RUN_RECORD_NAME}"):
+        try:
+            records.append(RunRecord.model_validate(store.read_json(store.relative(path))))
+        except (CorruptArtifactError, ValueError) as exc:
+            log.warning(
+                "run log: %s is unreadable, left out (%s)", store.uri(store.relative(path)), exc
+            )
     return sorted(records, key=lambda r: r.started_at)
 
 

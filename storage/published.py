@@ -10,33 +10,49 @@ all use these functions.
 from __future__ import annotations
 
 import io
+import logging
 from datetime import date
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from sidpipe.errors import PublishedRunNotFound, StoreError
+from sidpipe.errors import CorruptArtifactError, PublishedRunNotFound, StoreError
 from sidpipe.storage.hashing import sha256_bytes
 from sidpipe.storage.layout import MANIFEST_NAME, PUBLISHED_ROLES
 from sidpipe.storage.manifest import Manifest, read_manifest, run_records
 from sidpipe.storage.store import ArtifactStore
 
+log = logging.getLogger(__name__)
 
-def published_runs(store: ArtifactStore, catalog: str | None = None) -> list[Manifest]:
-    """Every published run (those with a manifest), by catalog then oldest run_date first."""
+
+def published_runs(
+    store: ArtifactStore, catalog: str | None = None, replacing: date | None = None
+) -> list[Manifest]:
+    """Every published run (those with a manifest), by catalog then oldest run_date first.
+
+    A manifest that cannot be read is a `CorruptArtifactError`, except that of `replacing`: the
+    date a run is about to publish again (its manifest is replaced), which is left out."""
     pattern = f"sids/{catalog or '*'}/*/{MANIFEST_NAME}"
-    manifests = [
-        Manifest.model_validate(store.read_json(store.relative(p))) for p in store.glob(pattern)
-    ]
+    manifests = []
+    for path in store.glob(pattern):
+        try:
+            manifests.append(Manifest.model_validate(store.read_json(store.relative(path))))
+        except CorruptArtifactError:
+            if replacing is None or path.split("/")[-2] != replacing.isoformat():
+                raise
+            log.warning("publish: the manifest of %s is corrupt; this run replaces it", replacing)
     return sorted(manifests, key=lambda m: (m.catalog, m.run_date))
 
 
 def latest_published(
     store: ArtifactStore, catalog: str, not_after: date | None = None
 ) -> Manifest | None:
-    """The newest published run of a catalog (with run_date <= `not_after`, if given)."""
+    """The newest published run of a catalog (with run_date <= `not_after`, if given: the run
+    of `not_after` is the one being published again, so its manifest may be corrupt)."""
     runs = [
-        m for m in published_runs(store, catalog) if not_after is None or m.run_date <= not_after
+        m
+        for m in published_runs(store, catalog, replacing=not_after)
+        if not_after is None or m.run_date <= not_after
     ]
     return runs[-1] if runs else None
 

@@ -11,7 +11,7 @@ from datetime import datetime
 
 from pydantic import BaseModel, Field
 
-from sidpipe.errors import TokenizerNotFound
+from sidpipe.errors import CorruptArtifactError, TokenizerNotFound
 from sidpipe.storage.layout import registry_path
 from sidpipe.storage.store import ArtifactStore
 
@@ -39,7 +39,15 @@ class Registry(BaseModel):
 def read_registry(store: ArtifactStore, catalog: str) -> Registry:
     if not store.exists(*registry_path(catalog)):
         return Registry(catalog=catalog)
-    return Registry.model_validate(store.read_json(*registry_path(catalog)))
+    try:
+        return Registry.model_validate(store.read_json(*registry_path(catalog)))
+    except (CorruptArtifactError, ValueError) as exc:
+        # Never guessed: which tokenizer is pinned decides every SID of the next run.
+        raise CorruptArtifactError(
+            f"the tokenizer registry of {catalog!r} is unreadable: {exc}",
+            hint=f"restore {store.uri(*registry_path(catalog))} from a backup (the tokenizer "
+            "versions themselves are intact in tokenizers/<id>/)",
+        ) from None
 
 
 def write_registry(store: ArtifactStore, registry: Registry) -> None:

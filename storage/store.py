@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from sidpipe.errors import StoreError
+from sidpipe.errors import CorruptArtifactError, StoreError
 
 
 def _file_mode() -> int:
@@ -102,10 +102,22 @@ class ArtifactStore:
             return self.fs.cat_file(self.path(*parts))
 
     def read_json(self, *parts: str) -> Any:
-        return json.loads(self.read_bytes(*parts))
+        data = self.read_bytes(*parts)
+        try:
+            return json.loads(data)
+        except ValueError as exc:  # truncated or overwritten
+            raise CorruptArtifactError(f"{self.uri(*parts)} is not valid JSON: {exc}") from None
 
     def read_parquet(self, *parts: str, columns: list[str] | None = None) -> pa.Table:
-        return pq.read_table(io.BytesIO(self.read_bytes(*parts)), columns=columns)
+        """A Parquet file, its data pages checked against their CRC32 checksums."""
+        data = self.read_bytes(*parts)
+        try:
+            return pq.read_table(io.BytesIO(data), columns=columns, page_checksum_verification=True)
+        except (pa.ArrowException, OSError, ValueError) as exc:
+            raise CorruptArtifactError(
+                f"{self.uri(*parts)} is not a readable Parquet file ({type(exc).__name__}: "
+                f"{str(exc)[:200]})"
+            ) from None
 
     def glob(self, pattern: str) -> list[str]:
         """Paths matching a glob relative to the root, sorted (fresh listing, never cached)."""
@@ -160,7 +172,7 @@ class ArtifactStore:
 
     def write_parquet(self, table: pa.Table, *parts: str) -> str:
         sink = io.BytesIO()
-        pq.write_table(table, sink, compression="zstd")
+        pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
         return self.write_bytes(sink.getvalue(), *parts)
 
     def delete(self, *parts: str) -> None:

@@ -5,6 +5,7 @@ concurrency and per-item errors; items without an image are counted as skipped."
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -28,6 +29,7 @@ def caption_stage(
     config: CaptionConfig,
     allow_http_images: bool = False,
     label: str | None = None,
+    allowed_image_hosts: Sequence[str] = (),
 ) -> StageOutcome:
     """Caption every item that has an image; items without one are counted as skipped."""
     if not config.urls:
@@ -50,6 +52,7 @@ def caption_stage(
             config.max_image_bytes,
             config.max_pixels,
             allow_http_images,
+            allowed_image_hosts,
         )
         content, _ = await client.chat(
             caption_messages(config.prompt_version, image_url, inp["title"]),
@@ -91,6 +94,7 @@ def caption_task(
             config.caption,
             config.catalog.allow_http_images,
             label=f"caption shard {shard}",
+            allowed_image_hosts=config.catalog.allowed_image_hosts,
         ),
         shard_limit(config.orchestration, "caption", config.caption),
     )

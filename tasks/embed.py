@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import pyarrow as pa
 from prefect import get_run_logger, task
@@ -44,11 +45,13 @@ CHUNK_ITEMS = 8192  # items embedded (and cached) per chunk: bounds memory and l
 TEXT_TEMPLATE_VERSION = "v1"
 
 
-def make_embedder(config: EmbedConfig, allow_http_images: bool = False) -> Embedder:
+def make_embedder(
+    config: EmbedConfig, allow_http_images: bool = False, allowed_image_hosts: Sequence[str] = ()
+) -> Embedder:
     """The embedding backend for a config: GME over vLLM with a URL, else the CPU embedder."""
     if not config.urls:
         return SentenceTransformerEmbedder(batch_size=config.batch_size)
-    return GMEServerEmbedder(config, allow_http_images)
+    return GMEServerEmbedder(config, allow_http_images, allowed_image_hosts)
 
 
 def embed_stage(
@@ -182,7 +185,11 @@ def embed_task(
             run,
             items,
             ingest.attribute_columns,
-            make_embedder(config.embed, config.catalog.allow_http_images),
+            make_embedder(
+                config.embed,
+                config.catalog.allow_http_images,
+                config.catalog.allowed_image_hosts,
+            ),
             config.embed,
             captions=stage_values(store, run, caption, "caption") if not caption.skipped else None,
             interests=stage_values(store, run, interests, "interests")

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sidpipe.config import TokenizerConfig
-from sidpipe.errors import QualityGateError
+from sidpipe.errors import CorruptArtifactError, QualityGateError
 from sidpipe.models.sids import codebook_tokens, sid_quality
 from sidpipe.models.tokenizer import (
     ALGORITHM_VERSION,
@@ -31,7 +31,7 @@ from sidpipe.models.tokenizer import (
     size_codebooks,
 )
 from sidpipe.progress import Progress
-from sidpipe.storage.hashing import stable_hash
+from sidpipe.storage.hashing import sha256_bytes, stable_hash
 from sidpipe.storage.layout import (
     FIT_REPORT,
     QUALITY_PNG,
@@ -92,7 +92,22 @@ def load_tokenizer(
     where = folder or tokenizer_dir(tokenizer_id)
     config = store.read_json(*where, TOKENIZER_CONFIG)
     weights = store.read_bytes(*where, TOKENIZER_WEIGHTS)
-    return load_tokenizer_state(weights, config["model"]), config
+    expected = config.get("weights_sha256")  # None: written before checksums were recorded
+    if expected is not None and sha256_bytes(weights) != expected:
+        raise CorruptArtifactError(
+            f"tokenizer {tokenizer_id}: {store.uri(*where, TOKENIZER_WEIGHTS)} does not match "
+            "the sha256 its config.json recorded",
+            hint="restore the tokenizer folder from a backup, or refit (`sidpipe run --refit`: "
+            "a new version, SIDs change with a drift report)",
+        )
+    try:
+        return load_tokenizer_state(weights, config["model"]), config
+    except Exception as exc:  # noqa: BLE001 - unreadable weights: the same clear error
+        raise CorruptArtifactError(
+            f"tokenizer {tokenizer_id}: cannot load {store.uri(*where, TOKENIZER_WEIGHTS)} "
+            f"({type(exc).__name__}: {str(exc)[:200]})",
+            hint="restore the tokenizer folder from a backup, or refit (`sidpipe run --refit`)",
+        ) from None
 
 
 ENCODE_CHUNK = 65536  # rows per progress step; a multiple of every tokenizer's own batch size
@@ -142,11 +157,16 @@ def fit_and_store(
     if store.exists(*where, TOKENIZER_CONFIG):
         saved = store.read_json(*where, TOKENIZER_CONFIG)
         if saved.get("tokenizer_id") == tokenizer_id:
-            log.info(
-                "fit: tokenizer %s already trained on these embeddings; reusing it", tokenizer_id
-            )
-            tokenizer, _ = load_tokenizer(store, tokenizer_id, where)
-            return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, False, {})
+            try:
+                tokenizer, _ = load_tokenizer(store, tokenizer_id, where)
+            except CorruptArtifactError as exc:
+                log.warning("fit: %s; fitting it again (the same settings and data)", exc)
+            else:
+                log.info(
+                    "fit: tokenizer %s already trained on these embeddings; reusing it",
+                    tokenizer_id,
+                )
+                return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, False, {})
 
     log.info("fit: training %s on %d items, codebooks %s", tokenizer_id, len(x), sizes)
     with Progress(f"fit {config.method}", total=None, unit="steps") as bar:
@@ -177,6 +197,7 @@ def fit_and_store(
             "sizing_message": message,
             "embed": embed,
             "trained_on": {"items": len(x), "data_hash": data_hash, **trained_on},
+            "weights_sha256": sha256_bytes(weights),
             "created_at": utcnow().isoformat(),
         },
         *where,

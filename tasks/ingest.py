@@ -6,6 +6,8 @@ cannot be read at all fails with one `CatalogError` that names the file and the 
 Input contract (the README's "The catalog contract"): `item_id` (required, unique, non-empty), `title`, `description`,
 `image` (a local path, a path relative to the catalog file, `s3://`, or `http(s)://` when allowed),
 and any other attribute columns, which are kept. A row needs an `item_id` and a title or an image.
+An image outside the image roots, or on a non-public host, is never read: its row is quarantined
+as `unsafe_image:...` (docs/security.md).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from sidpipe.config import CatalogConfig, PipelineConfig
 from sidpipe.errors import CatalogError
 from sidpipe.storage.catalog_files import check_images, read_catalog
 from sidpipe.storage.hashing import hash_strings, stable_hash
+from sidpipe.storage.image_policy import ImageRefPolicy, catalog_image_root
 from sidpipe.storage.layout import ITEMS_FILE, QUARANTINE_FILE, QUARANTINE_SCHEMA, staging_dir
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.store import ArtifactStore
@@ -39,6 +42,7 @@ log = logging.getLogger(__name__)
 CORE_COLUMNS = ("item_id", "title", "description", "image")
 RESERVED_COLUMNS = ("image_fingerprint", "item_hash")  # written by ingest itself
 MAX_ITEM_ID_LENGTH = 512
+MAX_RAW_CHARS = 10_000  # of a quarantined row's raw text
 _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 _SPACE = re.compile(r"\s+")
 
@@ -63,6 +67,69 @@ def normalize_text(value: Any) -> str | None:
     return text or None
 
 
+# -- types ---------------------------------------------------------------------------------------
+# Declared types of the core columns; attribute columns take `catalog.column_types`. "id" is text
+# or an integer (Parquet catalogs often have integer ids; written in decimal).
+CORE_TYPES = {"item_id": "id", "title": "text", "description": "text", "image": "text"}
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?$")
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list | tuple):
+        return "a list"
+    if isinstance(value, str):
+        return "text"
+    return f"a {type(value).__name__}"
+
+
+def typed_value(value: Any, declared: str) -> tuple[Any, str | None]:
+    """(the value as its declared type, None) or (None, what is wrong). None stays None."""
+    if value is None:
+        return None, None
+    kind = _kind(value)
+    if declared in ("text", "id"):
+        if isinstance(value, str):
+            return value, None
+        if declared == "id" and kind == "a number" and isinstance(value, int):
+            return str(value), None
+        return None, f"{kind} where text is expected"
+    if declared == "number":
+        if kind == "a number":
+            return value, None
+        if isinstance(value, str) and _NUMBER.match(value.strip()):
+            return float(value), None  # CSV: every value is text
+        return None, f"{kind} where a number is expected"
+    if declared == "list":
+        if isinstance(value, list | tuple) and all(not isinstance(v, dict | list) for v in value):
+            return list(value), None
+        return None, f"{kind} where a list of values is expected"
+    if declared == "bool":
+        if isinstance(value, bool):
+            return value, None
+        if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+            return value.strip().lower() == "true", None
+        return None, f"{kind} where true/false is expected"
+    raise ValueError(f"unknown column type {declared!r}")
+
+
+def type_problem(row: dict[str, Any], types: dict[str, str]) -> str | None:
+    """The quarantine reason of a row's first value of the wrong type (None: all fit); fixes
+    the row's values to their types (numbers from CSV text) in place."""
+    for column, declared in types.items():
+        value, problem = typed_value(row.get(column), declared)
+        if problem:
+            return f"bad_type:{column}: {problem}"
+        if column in row:
+            row[column] = value
+    return None
+
+
 def _jsonable(value: Any) -> Any:
     if isinstance(value, float) and value != value:  # NaN
         return None
@@ -71,9 +138,11 @@ def _jsonable(value: Any) -> Any:
 
 # -- image references ---------------------------------------------------------------------------
 def resolve_image(ref: str, catalog_uri: str) -> str:
-    """Absolute URI of an image reference; relative paths are relative to the catalog file."""
+    """Absolute URI of an image reference; relative paths are relative to the catalog file.
+    Whether it may be read is `ImageRefPolicy`'s to say (docs/security.md)."""
+    ref = ref.removeprefix("file://")
     if "://" in ref:
-        return ref[len("file://") :] if ref.startswith("file://") else ref
+        return ref
     if os.path.isabs(ref):
         return ref
     if "://" in catalog_uri:
@@ -105,16 +174,27 @@ def validate_rows(
             "sidpipe's own fields; rename them"
         )
 
+    types = {**CORE_TYPES, **config.column_types}
+    max_chars = config.max_text_chars
+
     def reject(number: int, row: dict[str, Any], item_id: str | None, reason: str) -> None:
         raw = json.dumps({k: _jsonable(v) for k, v in row.items()}, default=str, ensure_ascii=False)
+        if len(raw) > MAX_RAW_CHARS:  # a 1 MB title is not copied whole into quarantine
+            raw = f"{raw[:MAX_RAW_CHARS]}... ({len(raw):,} characters)"
         quarantine.append({"row": number, "item_id": item_id, "reason": reason, "raw": raw})
 
     candidates: list[tuple[int, dict[str, Any]]] = []
     for number, row in enumerate(rows, start=1):
         if row is None:
             continue  # already quarantined as unparseable
-        raw_id = row.get("item_id")
-        item_id = normalize_text(raw_id)
+        raw = dict(row)
+        problem = type_problem(row, types)
+        if problem:
+            given = row.get("item_id")
+            readable = isinstance(given, str | int) and not isinstance(given, bool)
+            reject(number, raw, normalize_text(given)[:64] if readable else None, problem)
+            continue
+        item_id = normalize_text(row.get("item_id"))
         if item_id is None:
             reject(number, row, None, "empty item_id")
             continue
@@ -131,6 +211,10 @@ def validate_rows(
         }
         for col in attribute_columns:
             item[col] = _jsonable(row.get(col))
+        long = [c for c in ("title", "description", "image") if len(item[c] or "") > max_chars]
+        if long:
+            reject(number, raw, item_id, f"too_long:{long[0]}: over {max_chars:,} characters")
+            continue
         if item["title"] is None and item["image"] is None:
             reject(number, row, item_id, "no title and no image")
             continue
@@ -160,55 +244,57 @@ def validate_rows(
                     number, item, item_id, f"duplicate item_id with conflicting rows ({numbers})"
                 )
 
-    # Image references: allowed scheme, then one listing per folder.
+    # Image references: allowed scheme, inside the image roots or a public host (before
+    # anything reads them), then one listing per folder.
+    policy = ImageRefPolicy(
+        [catalog_image_root(catalog_uri), *config.image_roots], config.allowed_image_hosts
+    )
     to_check: list[str] = []
+    unsafe: dict[str, str] = {}
     for _, item in unique:
         ref = item["image"]
         if ref is None:
             continue
         uri = resolve_image(ref, catalog_uri)
         item["image"] = uri
-        if uri.startswith(("http://", "https://")):
-            continue
-        if "://" in uri and not uri.startswith("s3://"):
-            continue
-        to_check.append(uri)
+        web = uri.startswith(("http://", "https://"))
+        other_scheme = "://" in uri and not uri.startswith("s3://")
+        if (not config.allow_http_images) if web else other_scheme:
+            continue  # refused below by its scheme
+        if (problem := policy.problem(uri)) is not None:
+            unsafe[uri] = problem
+        elif not web:
+            to_check.append(uri)
     checked = check_images(to_check) if config.check_images else {}
+
+    def image_verdict(uri: str) -> tuple[str | None, str | None]:
+        """(fingerprint, None) for a usable image reference, else (None, why it is not)."""
+        web = uri.startswith(("http://", "https://"))
+        if web and not config.allow_http_images:
+            return None, (
+                "http(s) image references are disabled "
+                "(set catalog.allow_http_images=true to allow them)"
+            )
+        if "://" in uri and not web and not uri.startswith("s3://"):
+            return None, f"unsupported image reference scheme: {uri.split('://')[0]}://"
+        if uri in unsafe:
+            return None, unsafe[uri]
+        if web:
+            return uri, None
+        if config.check_images:
+            return checked[uri]
+        # Unchecked: the location stands in for the content (a replaced file under the same
+        # name is not noticed; turn check_images on for that).
+        return f"uri:{uri}", None
 
     items: list[dict[str, Any]] = []
     for number, item in sorted(unique, key=lambda pair: pair[0]):
-        uri = item["image"]
-        item["image_fingerprint"] = None
-        if uri is not None:
-            if uri.startswith(("http://", "https://")):
-                if not config.allow_http_images:
-                    reject(
-                        number,
-                        item,
-                        item["item_id"],
-                        "http(s) image references are disabled "
-                        "(set catalog.allow_http_images=true to allow them)",
-                    )
-                    continue
-                item["image_fingerprint"] = uri
-            elif "://" in uri and not uri.startswith("s3://"):
-                reject(
-                    number,
-                    item,
-                    item["item_id"],
-                    f"unsupported image reference scheme: {uri.split('://')[0]}://",
-                )
-                continue
-            elif config.check_images:
-                fingerprint, reason = checked[uri]
-                if reason:
-                    reject(number, item, item["item_id"], reason)
-                    continue
-                item["image_fingerprint"] = fingerprint
-            else:
-                # Unchecked: the location stands in for the content (a replaced file under the
-                # same name is not noticed; turn check_images on for that).
-                item["image_fingerprint"] = f"uri:{uri}"
+        item["image_fingerprint"], reason = None, None
+        if item["image"] is not None:
+            item["image_fingerprint"], reason = image_verdict(item["image"])
+        if reason:
+            reject(number, item, item["item_id"], reason)
+            continue
         items.append(item)
     quarantine.sort(key=lambda q: q["row"])
     return items, quarantine, attribute_columns

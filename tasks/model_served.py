@@ -27,6 +27,7 @@ import pyarrow as pa
 from sidpipe.config import ModelEndpointConfig
 from sidpipe.models.openai_client import OpenAICompatClient
 from sidpipe.progress import Progress
+from sidpipe.redact import redact_urls
 from sidpipe.storage.cache import StageCache, stage_key
 from sidpipe.storage.hashing import stable_hash
 from sidpipe.storage.manifest import StageStats
@@ -94,7 +95,7 @@ def run_enrichment(
         len(inputs) - uncached,
         uncached,
         endpoint.model,
-        ", ".join(endpoint.urls),
+        redact_urls(", ".join(endpoint.urls)),
     )
 
     failed: dict[str, str] = {}

@@ -27,6 +27,7 @@ from sidpipe.errors import (
 from sidpipe.models.openai_client import OpenAICompatClient
 from sidpipe.models.prompts import CAPTION_PROMPTS, INTEREST_PROMPTS
 from sidpipe.storage.catalog_files import peek_catalog, require_item_id
+from sidpipe.storage.catalog_source import check_source
 from sidpipe.storage.layout import staging_dir
 from sidpipe.storage.registry import read_registry
 from sidpipe.storage.store import ArtifactStore
@@ -62,23 +63,44 @@ def check_store(store: ArtifactStore) -> None:
 
 
 def check_catalog(store: ArtifactStore, config: PipelineConfig) -> None:
-    """The catalog can be opened, and holds enough rows for a tokenizer if this run fits one."""
+    """The catalog's name is not another source's, the file can be opened, and it holds enough
+    rows for a tokenizer if this run fits one."""
+    catalog = config.catalog
+    check_source(store, catalog.store_name, catalog.uri, catalog.same_catalog)
+    need = items_needed(config)
+    rows, columns = peek_catalog(catalog.uri, need)
+    require_item_id(catalog.uri, columns)
+    if fits_tokenizer(store, config) and rows < need:
+        raise too_small(config, f"{catalog.uri}: {rows:,} rows")
+
+
+def fits_tokenizer(store: ArtifactStore, config: PipelineConfig) -> bool:
+    """This run fits a tokenizer: a refit, or the catalog has none pinned yet."""
+    pinned = read_registry(store, config.catalog.store_name).pinned
+    return config.tokenizer.refit or pinned is None
+
+
+def items_needed(config: PipelineConfig) -> int:
+    """The fewest items a tokenizer fit accepts under these settings."""
     tokenizer = config.tokenizer
-    fits = tokenizer.refit or read_registry(store, config.catalog.name).pinned is None
     if tokenizer.small_catalog == "refuse":
-        need = max(tokenizer.codebook_sizes) * tokenizer.min_points_per_code
-        hint = "tokenizer.small_catalog=shrink fits smaller codebooks to a small catalog"
-    else:
-        need = 2 * tokenizer.min_points_per_code  # two codes a level
-        hint = "add items, or lower tokenizer.min_points_per_code (k-means gets worse)"
-    rows, columns = peek_catalog(config.catalog.uri, need)
-    require_item_id(config.catalog.uri, columns)
-    if fits and rows < need:
-        raise CatalogTooSmallError(
-            f"{config.catalog.uri}: {rows:,} rows, but fitting a tokenizer needs at least "
-            f"{need:,} items (tokenizer.min_points_per_code = {tokenizer.min_points_per_code})",
-            hint,
-        )
+        return max(tokenizer.codebook_sizes) * tokenizer.min_points_per_code
+    return 2 * tokenizer.min_points_per_code  # two codes a level
+
+
+def too_small(config: PipelineConfig, what: str) -> CatalogTooSmallError:
+    """The error for `what` (e.g. "1,000 rows") being fewer than a fit needs."""
+    tokenizer = config.tokenizer
+    hint = (
+        "tokenizer.small_catalog=shrink fits smaller codebooks to a small catalog"
+        if tokenizer.small_catalog == "refuse"
+        else "add items, or lower tokenizer.min_points_per_code (k-means gets worse)"
+    )
+    return CatalogTooSmallError(
+        f"{what}, but fitting a tokenizer needs at least {items_needed(config):,} items "
+        f"(tokenizer.min_points_per_code = {tokenizer.min_points_per_code})",
+        hint,
+    )
 
 
 def check_endpoints(config: PipelineConfig) -> None:

@@ -19,6 +19,7 @@ from prefect.artifacts import (
 
 import sidpipe
 from sidpipe.config import PipelineConfig
+from sidpipe.errors import CorruptArtifactError
 from sidpipe.storage.layout import (
     EMBEDDINGS_FILE,
     ENRICHMENT_FILE,
@@ -242,8 +243,8 @@ def already_published(store: ArtifactStore, run: RunInfo) -> Manifest | None:
     (e.g. a storage error while cleaning staging) must not redo it from emptied staging."""
     try:
         manifest = read_manifest(store, run.catalog, run.run_date)
-    except FileNotFoundError:
-        return None
+    except (FileNotFoundError, CorruptArtifactError):
+        return None  # a corrupt manifest is replaced by this run's
     return manifest if manifest.run_id == run.run_id else None
 
 

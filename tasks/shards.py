@@ -61,7 +61,9 @@ def finished_shard(
     """The outcome an earlier attempt of this run recorded for this shard, if it finished it on
     the same items without per-item failures; its work counts as `resumed`, not computed again.
     A shard with failures is computed again: its successes come from the cache, its failures
-    get another try."""
+    get another try. So is a shard that left items out because they failed in an earlier stage
+    (its stats then account for fewer items than the shard has): that stage's shard is computed
+    again, and items it now finishes must not stay missing here."""
     parts = (*staging_dir(run.run_id), *_checkpoint(stage, run.shard))
     if run.attempt == 1 or not store.exists(*parts):
         return None
@@ -69,9 +71,9 @@ def finished_shard(
     if saved.get("items") != hash_strings(items["item_hash"].to_pylist()):
         return None  # the catalog changed between attempts: compute the shard again
     outcome = StageOutcome.model_validate(saved["outcome"])
-    if outcome.stats.failed:
-        return None
     s = outcome.stats
+    if s.failed or s.computed + s.cached + s.resumed + s.skipped < items.num_rows:
+        return None
     outcome.stats = StageStats(
         resumed=s.computed + s.cached + s.resumed, skipped=s.skipped, failed=s.failed
     )

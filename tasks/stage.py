@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
 from sidpipe.errors import SidpipeError, StoreError
+from sidpipe.redact import redact_urls
 from sidpipe.storage.cache import StageCache
 from sidpipe.storage.layout import (
     ERRORS_SCHEMA,
@@ -151,7 +152,8 @@ def write_errors(
         return None
     name = f"errors-{stage}{run.suffix}.parquet"
     table = pa.Table.from_pylist(
-        [{"item_id": i, "stage": stage, "error": e} for i, e in errors], schema=ERRORS_SCHEMA
+        [{"item_id": i, "stage": stage, "error": redact_urls(e)} for i, e in errors],
+        schema=ERRORS_SCHEMA,
     )
     store.write_parquet(table, *staging_dir(run.run_id), name)
     return name

@@ -10,7 +10,10 @@ from __future__ import annotations
 import csv
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+from datetime import date
 from pathlib import Path
 
 os.environ["PREFECT_HOME"] = tempfile.mkdtemp(prefix="sidpipe-prefect-")
@@ -55,6 +58,41 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     from prefect.settings import PREFECT_API_URL
 
     return {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), **extra}
+
+
+def kill_during_run(config, point: str, day: date) -> subprocess.CompletedProcess:
+    """Run the nightly flow in a child process that SIGKILLs itself at `point` (see
+    tests/crash_runner.py for the points)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            str(Path(__file__).resolve().parent / "crash_runner.py"),
+            config.model_dump_json(),
+            day.isoformat(),
+            point,
+        ],
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+FAULT_ORCHESTRATION = {"shard_size": 30, "max_workers": 1}  # the fault matrix's runs
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_sids(tmp_path_factory, prefect_api) -> bytes:
+    """sids.parquet of the 120-item catalog (`small_catalog`) run once without a fault, with
+    the fault matrix's settings: what every interrupted run must end up with, byte for byte."""
+    from sidpipe.flows.nightly import nightly_tokenization
+    from sidpipe.storage.store import ArtifactStore
+
+    folder = tmp_path_factory.mktemp("uninterrupted")
+    catalog = write_catalog(folder / "catalog", sample_rows(120))
+    config = small_config(str(folder / "store"), str(catalog), orchestration=FAULT_ORCHESTRATION)
+    manifest = nightly_tokenization(config, run_date=date(2026, 11, 20))
+    return ArtifactStore(config.store).read_bytes(manifest["files"]["sids"]["path"])
 
 
 # -- S3 (moto server, in-process, as s3fs's own test suite does) ---------------------------------

@@ -2,14 +2,17 @@
 
     python tests/crash_runner.py CONFIG_JSON RUN_DATE POINT
 
-POINT is `embed-shard:N` (right after the N-th embed shard's checkpoint is written),
-`tokenizer` (after the tokenizer's weights are written, before its config) or `publish` (after
-the published sids.parquet is written, before the manifest). SIGKILL runs no cleanup: no
-`finally`, no `except`, no Prefect state change, as when a machine dies.
+POINT is `embed-shard:N` (right after the N-th embed shard's checkpoint is written), or
+`before:GLOB` / `after:GLOB`: right before / after the first store write whose path (relative
+to the store root) matches GLOB, e.g. `after:tokenizers/*/model.safetensors` (the tokenizer's
+weights are written, its config not yet) or `before:runs/*/sids.parquet` (fit is done, assign
+has written nothing). SIGKILL runs no cleanup: no `finally`, no `except`, no Prefect state
+change, as when a machine dies.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import os
 import signal
@@ -42,17 +45,20 @@ def main() -> None:
 
         stage.save_checkpoint = save_then_maybe_die
     else:
-        target = {"tokenizer": "model.safetensors", "publish": "sids.parquet"}[point]
+        when, pattern = point.split(":", 1)
+        assert when in ("before", "after"), point
         original_write = ArtifactStore.write_bytes
 
-        def write_then_maybe_die(self, data, *parts):
+        def write_and_maybe_die(self, data, *parts):
+            hit = fnmatch.fnmatch("/".join(parts), pattern)
+            if hit and when == "before":
+                die()
             path = original_write(self, data, *parts)
-            published = point != "publish" or parts[0] == "sids"
-            if parts[-1] == target and published:
+            if hit:
                 die()
             return path
 
-        ArtifactStore.write_bytes = write_then_maybe_die
+        ArtifactStore.write_bytes = write_and_maybe_die
 
     from sidpipe.flows.nightly import nightly_tokenization
 

@@ -300,7 +300,9 @@ def test_sid_lifecycle_nightly_keeps_sids_and_refit_reports_drift(tmp_path):
         for i, r in enumerate(rows[:120])
     ]
     second_catalog = write_catalog(tmp_path / "c2", changed + rows[120:])
-    second = run_flow(small_config(store_uri, str(second_catalog)), day2)
+    day2_config = small_config(store_uri, str(second_catalog))
+    day2_config.catalog.same_catalog = True  # today's export of the same catalog, a new file
+    second = run_flow(day2_config, day2)
     assert second["tokenizer_id"] == first["tokenizer_id"]
     assert second["stages"]["fit"]["computed"] == 0
     assert second["stages"]["assign"]["cached"] == 115  # unchanged items, copied

@@ -3,7 +3,6 @@ backfills, task runners and global concurrency limits."""
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import threading
@@ -11,6 +10,7 @@ import time
 from datetime import date
 from pathlib import Path
 
+import conftest
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -84,59 +84,9 @@ def test_shards_cover_every_item_once_with_the_same_embeddings(tmp_path, small_c
     assert [p.rsplit("/", 1)[-1] for p in stores[1].listdir("runs", run_id)] == ["_RUN.json"]
 
 
-# -- resume after a kill -----------------------------------------------------------------------------
+# -- resume after a kill (the kill at every stage boundary: tests/test_faults_crash.py) ------------
 def kill_during_run(config, point: str, day: date = DAY) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [
-            sys.executable,
-            str(TESTS / "crash_runner.py"),
-            config.model_dump_json(),
-            day.isoformat(),
-            point,
-        ],
-        env=subprocess_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-@pytest.mark.parametrize("point", ["embed-shard:2", "tokenizer", "publish"])
-def test_a_killed_run_resumes_without_recomputing_finished_work(tmp_path, small_catalog, point):
-    config = small_config(
-        str(tmp_path / "store"),
-        str(small_catalog),
-        orchestration={"shard_size": 30, "max_workers": 1},
-    )
-    store = ArtifactStore(config.store)
-    killed = kill_during_run(config, point)
-    assert killed.returncode == -9, killed.stdout + killed.stderr[-3000:]
-    # Killed: not published (even where sids.parquet was already copied), logged as running.
-    assert published_runs(store) == []
-    (record,) = run_records(store)
-    assert record.status == "running" and record.attempts == 1
-    finished_embed = sum(
-        json.loads(store.read_bytes(store.relative(p)))["outcome"]["stats"]["computed"]
-        for p in store.glob(f"runs/{record.run_id}/shards/embed-*.json")
-    )
-    assert finished_embed > 0
-
-    resumed = run_flow(config)
-
-    assert resumed["run_id"] == record.run_id and resumed["attempts"] == 2
-    embed = resumed["stages"]["embed"]
-    assert embed["resumed"] == finished_embed  # finished shards were not embedded again
-    assert embed["computed"] + embed["cached"] + embed["resumed"] == 120
-    if point != "embed-shard:2":
-        assert embed["resumed"] == 120 and embed["computed"] == 0
-    if point == "publish":
-        assert resumed["stages"]["fit"]["computed"] == 0  # the tokenizer was complete
-    assert resumed["counts"] == {"input": 120, "assigned": 120, "quarantined": 0, "failed": 0}
-    sids = store.read_parquet(resumed["files"]["sids"]["path"])
-    assert sids.num_rows == 120 and len(set(sids["item_id"].to_pylist())) == 120
-    (record,) = run_records(store)  # one run, two attempts: no second record, no duplicate
-    assert record.status == "published" and record.attempts == 2
-    assert [m.run_id for m in published_runs(store)] == [record.run_id]
+    return conftest.kill_during_run(config, point, day)
 
 
 def test_a_run_killed_on_s3_resumes_after_its_lease_lapses(s3, small_catalog):
@@ -170,7 +120,7 @@ def test_a_run_killed_on_s3_resumes_after_its_lease_lapses(s3, small_catalog):
 
 def test_a_changed_setting_starts_a_new_run_instead_of_resuming(tmp_path, small_catalog):
     config = small_config(str(tmp_path / "store"), str(small_catalog))
-    killed = kill_during_run(config, "tokenizer")
+    killed = kill_during_run(config, "after:tokenizers/*/model.safetensors")
     assert killed.returncode == -9
     other = small_config(str(tmp_path / "store"), str(small_catalog), seed=7)
     manifest = run_flow(other)
@@ -310,21 +260,27 @@ def cli_run(store: str, catalog: Path, day: str, *extra: str, **env: str) -> sub
     )
 
 
+@pytest.mark.faults
 def test_a_run_outside_prefect_is_refused_while_another_run_holds_the_catalog(
     tmp_path, small_catalog
 ):
     store = ArtifactStore(str(tmp_path / "store"))
-    with StoreLock(store, "catalog-test-catalog", run_id="nightly-elsewhere"):
+    with StoreLock(store, "catalog-test-catalog", run_id="refit-elsewhere"):  # e.g. a refit
         proc = cli_run(store.root_uri, small_catalog, "2026-11-20")
         out, _ = proc.communicate(timeout=300)
     assert proc.returncode == 3, out  # unavailable for now: try again later
-    assert "locked by run nightly-elsewhere" in " ".join(out.split())
+    assert "locked by run refit-elsewhere" in " ".join(out.split())
     assert "Traceback" not in out
     assert published_runs(store) == []
 
 
-def test_two_runs_at_once_on_one_store_take_turns_and_both_publish(tmp_path, small_catalog):
-    store = ArtifactStore(str(tmp_path / "store"))
+@pytest.mark.faults
+@pytest.mark.parametrize("kind", ["local", "s3"])
+def test_two_runs_at_once_on_one_store_take_turns_and_both_publish(
+    tmp_path, small_catalog, kind, request
+):
+    root = str(tmp_path / "store") if kind == "local" else f"{request.getfixturevalue('s3')}/two"
+    store = ArtifactStore(root)
     wait = {"SIDPIPE_ORCHESTRATION_LOCK_WAIT_SECONDS": "300"}
     procs = [
         cli_run(store.root_uri, small_catalog, day, **wait) for day in ("2026-11-20", "2026-11-21")

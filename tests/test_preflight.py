@@ -61,7 +61,7 @@ def test_a_small_catalog_is_fine_when_the_pinned_tokenizer_encodes_it(tmp_path):
         items=100,
         codebook_sizes=[8, 8, 8],
     )
-    register(ArtifactStore(config.store), config.catalog.name, version, pin=True)
+    register(ArtifactStore(config.store), config.catalog.store_name, version, pin=True)
     preflight(config)  # no fit: nothing to size
     refit = config.model_copy(
         update={"tokenizer": config.tokenizer.model_copy(update={"refit": True})}

@@ -15,7 +15,20 @@ a request, so a test decides per item what goes wrong:
     BAD-JSON        structured output that is not JSON, every time
     BAD-JSON-ONCE   not JSON on the first attempt, valid afterwards
     TRUNCATE        finish_reason "length" with cut-off JSON, every time
-and `fail_first_attempts` makes every distinct request fail its first N attempts with 500.
+and the faults a real vLLM cannot be made to show on demand (a proxy in front, a stuck engine,
+a tiny random model):
+    EMPTY-BODY      HTTP 200 with a zero-byte body, every time
+    EMPTY-BODY-ONCE HTTP 200 with a zero-byte body on the first attempt, valid afterwards
+    ERROR-200       HTTP 200 whose body is vLLM's error object
+                    ({"object": "error", "message": ..., "type": "BadRequestError", "code": 400})
+    ERROR-OBJ-200   HTTP 200 whose body is {"error": {"message": ..., "code": 400}} (proxies)
+    NO-ANSWER       the connection is accepted and never answered (until the double stops)
+    EMPTY-CONTENT   a chat answer whose content is "" (finish_reason "stop")
+    DUP-TAGS        structured output with one interest tag repeated ("2-4 distinct" fails)
+`faults` applies markers to every inference request (GET /models still answers, as a vLLM
+whose engine is stuck does), `served_model` makes GET /models list another name than the model
+requests are answered for, and `fail_first_attempts` makes every distinct request fail its first
+N attempts with 500. Markers are upper case with a hyphen, so base64 image data never holds one.
 
 Answers are deterministic functions of the request, so tests can compare runs.
 """
@@ -54,8 +67,12 @@ class VLLMDouble:
         embed_dim: int = 32,
         fail_first_attempts: int = 0,
         slow_seconds: float = 5.0,
+        faults: tuple[str, ...] | list[str] = (),
+        served_model: str | None = None,
     ) -> None:
         self.model = model
+        self.served_model = served_model or model
+        self.faults = " ".join(faults)
         self.capacity = capacity
         self.latency = latency
         self.embed_dim = embed_dim
@@ -111,7 +128,7 @@ class VLLMDouble:
     # -- handlers --------------------------------------------------------------------------------
     async def _models(self, request: web.Request) -> web.Response:
         return web.json_response(
-            {"object": "list", "data": [{"id": self.model, "object": "model"}]}
+            {"object": "list", "data": [{"id": self.served_model, "object": "model"}]}
         )
 
     async def _admit(self, request: web.Request, body: dict) -> tuple[str, web.Response | None]:
@@ -121,9 +138,29 @@ class VLLMDouble:
         digest = hashlib.sha256(text.encode()).hexdigest()
         self.stats.attempts[digest] += 1
         attempt = self.stats.attempts[digest]
+        text = f"{text} {self.faults}" if self.faults else text  # after the digest: same key
         if body.get("model") != self.model:
             return text, web.json_response(
                 {"error": {"message": f"model {body.get('model')!r} does not exist"}}, status=404
+            )
+        if "NO-ANSWER" in text:
+            await self._stop_event.wait()  # the client's timeout ends it first
+            return text, web.Response(status=503)
+        if "EMPTY-BODY" in text and not ("EMPTY-BODY-ONCE" in text and attempt > 1):
+            return text, web.Response(status=200, body=b"", content_type="application/json")
+        if "ERROR-200" in text:
+            return text, web.json_response(
+                {
+                    "object": "error",
+                    "message": "This model's maximum context length is 32768 tokens (injected)",
+                    "type": "BadRequestError",
+                    "param": None,
+                    "code": 400,
+                }
+            )
+        if "ERROR-OBJ-200" in text:
+            return text, web.json_response(
+                {"error": {"message": "upstream rejected the request (injected)", "code": 400}}
             )
         if (
             "ALWAYS-500" in text
@@ -177,7 +214,8 @@ class VLLMDouble:
             or "structured_outputs" in body
         )
         finish = "stop"
-        attempt = self.stats.attempts[hashlib.sha256(text.encode()).hexdigest()]
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        attempt = self.stats.attempts[digest]
         if structured:
             # The item's title line, as sidpipe's prompt lists it ("- Title: ...").
             user = words[-1] if words else ""
@@ -197,6 +235,8 @@ class VLLMDouble:
                 "interests": [f"{t} enthusiast" for t in tokens][:3] or ["general shopper"],
             }
             answer["interests"].append(f"style {flavour}")
+            if "DUP-TAGS" in text:
+                answer["interests"] = ["Style", "style", "style!"]
             content = json.dumps(answer)
             if "BAD-JSON" in text and not ("BAD-JSON-ONCE" in text and attempt > 1):
                 content = "Sure! The interests are: fashion, style"
@@ -205,6 +245,8 @@ class VLLMDouble:
         else:
             colour = colours[0] if colours else "unseen"
             content = f"A {colour} product photographed on a plain background."
+        if "EMPTY-CONTENT" in text:
+            content = ""
         usage = {
             "prompt_tokens": sum(len(w) for w in words) // 4 + 64 * len(images),
             "completion_tokens": len(content) // 4,

@@ -16,6 +16,7 @@ from typer.core import TyperGroup, TyperOption
 
 from sidpipe.cli.render import console, err, print_error
 from sidpipe.errors import SidpipeError
+from sidpipe.redact import redact_urls
 
 __all__ = ["app", "console", "err"]
 
@@ -27,7 +28,7 @@ class _Commands(TyperGroup):
         try:
             return super().invoke(ctx)
         except SidpipeError as exc:
-            print_error(exc.message, exc.hint)
+            print_error(redact_urls(exc.message), exc.hint)
             raise typer.Exit(code=exc.exit_code) from None
 
 

@@ -27,7 +27,19 @@ CatalogOption = Annotated[
     ),
 ]
 CatalogNameOption = Annotated[
-    str | None, typer.Option(help="Name used in artifact paths (default: fashion-sample).")
+    str | None,
+    typer.Option(
+        help="Name used in artifact paths (default: from the file name, e.g. "
+        "data/shop.jsonl -> shop; catalog.csv in folder acme/ -> acme)."
+    ),
+]
+SameCatalogOption = Annotated[
+    bool,
+    typer.Option(
+        "--same-catalog",
+        help="The file is a new snapshot or location of the catalog already published under "
+        "this name (otherwise another source under a taken name is refused).",
+    ),
 ]
 
 # What a training flow reads: a catalog's published run, plus interactions.
@@ -43,7 +55,7 @@ InteractionsOption = Annotated[
 DeviceOption = Annotated[str | None, typer.Option("--device", help="auto, cpu or cuda.")]
 
 
-def catalog_settings(uri: str | None, name: str | None) -> dict | None:
-    """--catalog / --catalog-name as a config section (None: neither given)."""
-    chosen = {k: v for k, v in {"uri": uri, "name": name}.items() if v}
+def catalog_settings(uri: str | None, name: str | None, same: bool = False) -> dict | None:
+    """--catalog / --catalog-name / --same-catalog as a config section (None: none given)."""
+    chosen = {k: v for k, v in {"uri": uri, "name": name, "same_catalog": same}.items() if v}
     return chosen or None

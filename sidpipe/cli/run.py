@@ -13,6 +13,7 @@ from sidpipe.cli.options import (
     CatalogNameOption,
     CatalogOption,
     ConfigOption,
+    SameCatalogOption,
     StoreOption,
     catalog_settings,
 )
@@ -35,6 +36,7 @@ def run(
     store: StoreOption = None,
     catalog: CatalogOption = None,
     catalog_name: CatalogNameOption = None,
+    same_catalog: SameCatalogOption = False,
     run_date: Annotated[
         str | None,
         typer.Option(help="Logical date of the run, YYYY-MM-DD (backfills) (default: today)."),
@@ -57,7 +59,7 @@ def run(
     cfg = load_config(
         config,
         store=store,
-        catalog=catalog_settings(catalog, catalog_name),
+        catalog=catalog_settings(catalog, catalog_name, same_catalog),
         tokenizer={"refit": True} if refit else None,
     )
     day = parse_date(run_date, "--run-date")
@@ -77,6 +79,7 @@ def backfill(
     store: StoreOption = None,
     catalog: CatalogOption = None,
     catalog_name: CatalogNameOption = None,
+    same_catalog: SameCatalogOption = False,
     deployment: Annotated[
         str | None,
         typer.Option(
@@ -103,7 +106,7 @@ def backfill(
 
     prefect_defaults()
     first, last = parse_date(start, "--from"), parse_date(end, "--to")
-    options = {"store": store, "catalog": catalog_settings(catalog, catalog_name)}
+    options = {"store": store, "catalog": catalog_settings(catalog, catalog_name, same_catalog)}
     cfg = load_config(config, **options)
     # What the caller chose, without this machine's SIDPIPE_* environment: runs on workers take
     # the rest from theirs.
@@ -113,8 +116,9 @@ def backfill(
             "--deployment and --submit need a Prefect server", hint="set PREFECT_API_URL"
         )
     from sidpipe.flows.backfill import backfill as backfill_flow
-    from sidpipe.flows.backfill import dates_between, submit_backfill
+    from sidpipe.flows.backfill import dates_between, submit_backfill, without_secrets
 
+    chosen = without_secrets(chosen)  # the backfill's own parameters are shown in the UI too
     days = dates_between(first, last)
     if submit:
         child = submit_backfill(first, last, deployment, chosen)
