@@ -89,6 +89,7 @@ def kill_during_run(config, point: str, day: date = DAY) -> subprocess.Completed
     return conftest.kill_during_run(config, point, day)
 
 
+@pytest.mark.faults
 def test_a_run_killed_on_s3_resumes_after_its_lease_lapses(s3, small_catalog):
     # The killed run's lease stays in the bucket until it lapses (no kernel to drop it): the
     # next run waits for that, takes the lease over and continues the killed run.
