@@ -4,7 +4,8 @@
 from faiss k-means on the residuals of the *full* data (`init_kmeans`; a first batch cannot seed
 4,096 codes); it learns either by gradient (the codebook loss) or by exponential moving averages
 of the residuals that chose each code (`ema_update`); and a code nobody chose restarts on a
-random residual (`restart`), so capacity is never silently wasted. A residual quantizer (the
+random residual (`restart`), so capacity is never silently wasted. With `balanced`, it picks by
+distance plus a per-code price that keeps codes evenly used (`models.balance`). A residual quantizer (the
 RQ-VAE, or any model that needs codes) stacks levels and keeps its own loop thin.
 
 `kmeans` is the one faiss k-means of the project (RQ-KMeans uses it too). Knows tensors and
@@ -16,6 +17,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+
+from sidpipe.models.balance import balanced_kmeans, calibrate_prices, priced_nearest, priced_scores
+
+BALANCE_ROUNDS = 2  # balanced k-means rounds after plain k-means, when a level is balanced
 
 
 def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> tuple[np.ndarray, str]:
@@ -43,10 +48,14 @@ def kmeans(x: np.ndarray, k: int, iterations: int, seed: int) -> tuple[np.ndarra
 class LevelQuantizer(nn.Module):
     """K codewords of size `dim`; `ema=True` updates them by moving averages, not gradients."""
 
-    def __init__(self, size: int, dim: int, ema: bool = False, decay: float = 0.99) -> None:
+    def __init__(
+        self, size: int, dim: int, ema: bool = False, decay: float = 0.99, balanced: bool = False
+    ) -> None:
         super().__init__()
-        self.ema, self.decay = ema, decay
+        self.ema, self.decay, self.balanced = ema, decay, balanced
         self.codebook = nn.Parameter(torch.zeros(size, dim), requires_grad=not ema)
+        if balanced:  # per-code prices of the balanced assignment (models.balance)
+            self.register_buffer("prices", torch.zeros(size))
         if ema:
             # Per code: a moving count of the items that chose it and of their residuals' sum.
             self.register_buffer("ema_count", torch.ones(size))
@@ -58,8 +67,29 @@ class LevelQuantizer(nn.Module):
 
     def forward(self, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(code of each residual [N], its codeword [N, dim])."""
-        idx = torch.cdist(residual, self.codebook).argmin(dim=1)
+        if self.balanced:
+            idx = priced_nearest(residual.detach(), self.codebook.detach(), self.prices)
+        else:
+            idx = torch.cdist(residual, self.codebook).argmin(dim=1)
         return idx, self.codebook[idx]
+
+    @torch.no_grad()
+    def calibrate(self, residual: torch.Tensor, seed: int, steps: int | None = None) -> None:
+        """Fit the prices to these residuals and the current codewords: afresh, or `steps` steps
+        on from the current prices."""
+        book = self.codebook.detach()
+        prices = (
+            calibrate_prices(residual, book, seed)
+            if steps is None
+            else calibrate_prices(residual, book, seed, steps, start=self.prices)
+        )
+        self.prices.copy_(prices)
+
+    def distances(self, residual: torch.Tensor) -> torch.Tensor:
+        """What the assignment minimizes, per residual and code [N, K] (up to a row constant)."""
+        if self.balanced:
+            return priced_scores(residual, self.codebook, self.prices)
+        return torch.cdist(residual, self.codebook)
 
     @torch.no_grad()
     def init_kmeans(
@@ -68,9 +98,16 @@ class LevelQuantizer(nn.Module):
         """Codewords from k-means of these residuals; returns what this level leaves of them
         and the device k-means ran on."""
         centroids, device = kmeans(residual, self.size, iterations, seed)
+        if self.balanced:
+            book, prices, idx = balanced_kmeans(
+                torch.from_numpy(residual), torch.from_numpy(centroids), BALANCE_ROUNDS, seed
+            )
+            centroids = book.numpy()
+            self.prices.copy_(prices)
+        else:
+            idx = torch.cdist(torch.from_numpy(residual), torch.from_numpy(centroids)).argmin(1)
         self.codebook.data.copy_(torch.from_numpy(centroids))
         self.reset_ema(torch.arange(self.size))
-        idx = torch.cdist(torch.from_numpy(residual), torch.from_numpy(centroids)).argmin(1)
         return residual - centroids[idx.numpy()], device
 
     @torch.no_grad()

@@ -3,7 +3,9 @@
 Level l's codebook is faiss k-means of what levels 1..l-1 left of every item; an item's code at
 each level is the nearest centroid of its residual. Public re-runs (GRID) find it as good as an
 RQ-VAE for SIDs at a fraction of the cost. Embeddings are centred on their mean first, so the
-first level spends its codes on how items differ, not on what they share.
+first level spends its codes on how items differ, not on what they share. With
+`balanced_codes`, each level's assignment carries per-code prices (`models.balance`) that keep
+deep levels from collapsing onto a few codes; they are saved with the codebooks.
 
 Knows arrays only: no items, files or Prefect.
 """
@@ -14,24 +16,44 @@ import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 from sidpipe.config import TokenizerConfig
-from sidpipe.models.quantizer import kmeans
+from sidpipe.models.balance import (
+    augmented,
+    balanced_kmeans,
+    calibrate_prices,
+    is_balanced,
+    priced_nearest,
+)
+from sidpipe.models.quantizer import BALANCE_ROUNDS, kmeans
 
 
 @dataclass
 class RQKMeansConfig:
     input_dim: int
     codebook_sizes: list[int]
+    balanced: bool = False  # tokenizers saved before balancing have no prices
 
 
 class RQKMeans:
     method = "rqkmeans"
 
-    def __init__(self, config: RQKMeansConfig, mean: np.ndarray, codebooks: list[np.ndarray]):
+    def __init__(
+        self,
+        config: RQKMeansConfig,
+        mean: np.ndarray,
+        codebooks: list[np.ndarray],
+        prices: list[np.ndarray | None] | None = None,
+    ):
         self.config = config
         self.mean = np.asarray(mean, np.float32)
         self.codebooks = [np.ascontiguousarray(c, np.float32) for c in codebooks]
+        self.prices = prices if config.balanced else None
+
+    def _code(self, level: int, residual: np.ndarray, k: int = 1) -> np.ndarray:
+        prices = None if self.prices is None else self.prices[level]
+        return _nearest(self.codebooks[level], residual, k, prices)
 
     @property
     def codebook_sizes(self) -> list[int]:
@@ -40,8 +62,8 @@ class RQKMeans:
     def _quantize(self, x: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         residual = np.ascontiguousarray(x, np.float32) - self.mean
         codes, chosen = [], []
-        for codebook in self.codebooks:
-            idx = _nearest(codebook, residual)
+        for level, codebook in enumerate(self.codebooks):
+            idx = self._code(level, residual)
             codes.append(idx.astype(np.int32))
             chosen.append(codebook[idx])
             residual = residual - codebook[idx]
@@ -62,10 +84,11 @@ class RQKMeans:
     def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
         """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
         residual = np.ascontiguousarray(x, np.float32) - self.mean
-        for codebook in self.codebooks[:-1]:
-            residual = residual - codebook[_nearest(codebook, residual)]
-        last = self.codebooks[-1]
-        return _nearest(last, residual, k=len(last)).astype(np.int32)
+        for level, codebook in enumerate(self.codebooks[:-1]):
+            residual = residual - codebook[self._code(level, residual)]
+        return self._code(len(self.codebooks) - 1, residual, len(self.codebooks[-1])).astype(
+            np.int32
+        )
 
     def reconstruction_cosine_by_depth(self, x: np.ndarray, batch_size: int = 65536) -> list[float]:
         sums = np.zeros(len(self.codebooks))
@@ -80,13 +103,30 @@ class RQKMeans:
 
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
         tensors = {"mean": self.mean, **{f"codebook.{i}": c for i, c in enumerate(self.codebooks)}}
+        tensors |= {f"prices.{i}": p for i, p in enumerate(self.prices or []) if p is not None}
         return tensors, asdict(self.config)
 
     @classmethod
     def from_state(cls, tensors: dict[str, np.ndarray], config: dict) -> RQKMeans:
         cfg = RQKMeansConfig(**config)
-        books = [tensors[f"codebook.{i}"] for i in range(len(cfg.codebook_sizes))]
-        return cls(cfg, tensors["mean"], books)
+        levels = range(len(cfg.codebook_sizes))
+        books = [tensors[f"codebook.{i}"] for i in levels]
+        prices = [tensors.get(f"prices.{i}") for i in levels] if cfg.balanced else None
+        return cls(cfg, tensors["mean"], books, prices)
+
+    def calibrate(self, x: np.ndarray, seed: int) -> None:
+        """Fit every level's prices afresh, level by level on what the levels before leave."""
+        residual = torch.from_numpy(np.ascontiguousarray(x, np.float32) - self.mean)
+        self.prices = []
+        for level, codebook in enumerate(self.codebooks):
+            book = torch.from_numpy(codebook)
+            if not is_balanced(level):
+                self.prices.append(None)
+                residual = residual - book[torch.from_numpy(_nearest(codebook, residual.numpy()))]
+                continue
+            prices = calibrate_prices(residual, book, seed + level)
+            self.prices.append(prices.numpy())
+            residual = residual - book[priced_nearest(residual, book, prices)]
 
 
 def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -95,13 +135,20 @@ def _cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return num / np.maximum(den, 1e-12)
 
 
-def _nearest(codebook: np.ndarray, v: np.ndarray, k: int = 1) -> np.ndarray:
-    """Index of each row's nearest codeword ([N]), or its k nearest in order ([N, k])."""
+def _nearest(
+    codebook: np.ndarray, v: np.ndarray, k: int = 1, prices: np.ndarray | None = None
+) -> np.ndarray:
+    """Index of each row's nearest codeword ([N]), or its k nearest in order ([N, k]); with
+    prices, nearest by ||v - c||^2 + price (`models.balance.augmented`)."""
     import faiss
 
+    v = np.ascontiguousarray(v, np.float32)
+    if prices is not None:
+        codebook = augmented(codebook, prices)
+        v = np.hstack([v, np.zeros((len(v), 1), np.float32)])
     index = faiss.IndexFlatL2(codebook.shape[1])
     index.add(np.ascontiguousarray(codebook, np.float32))
-    _, idx = index.search(np.ascontiguousarray(v, np.float32), k)
+    _, idx = index.search(v, k)
     return idx[:, 0] if k == 1 else idx
 
 
@@ -119,7 +166,8 @@ def fit_rqkmeans(
     x = np.ascontiguousarray(x, np.float32)
     mean = x.mean(axis=0)
     residual = x - mean
-    books, device = [], "cpu"
+    books, prices, device = [], [], "cpu"
+    balanced = settings.balanced
     steps = len(codebook_sizes) + refine_rounds
 
     def report(done: int, mse: float) -> None:
@@ -128,14 +176,24 @@ def fit_rqkmeans(
 
     for level, k in enumerate(codebook_sizes):
         centroids, device = kmeans(residual, k, iterations, seed + level)
+        if balanced and is_balanced(level):
+            book, level_prices, codes = balanced_kmeans(
+                torch.from_numpy(residual), torch.from_numpy(centroids), BALANCE_ROUNDS, seed
+            )
+            centroids, idx = book.numpy(), codes.numpy()
+            prices.append(level_prices.numpy())
+        else:
+            idx = _nearest(centroids, residual)
+            prices.append(None)
         books.append(centroids)
-        residual = residual - centroids[_nearest(centroids, residual)]
+        residual = residual - centroids[idx]
         report(level + 1, float(np.mean(np.sum(residual**2, axis=1))))
-    model = RQKMeans(RQKMeansConfig(x.shape[1], list(codebook_sizes)), mean, books)
+    config = RQKMeansConfig(x.shape[1], list(codebook_sizes), balanced)
+    model = RQKMeans(config, mean, books, prices)
 
     errors = [float(np.mean(np.sum(residual**2, axis=1)))]
-    best = [b.copy() for b in model.codebooks]
-    for _ in range(refine_rounds):
+    best = ([b.copy() for b in model.codebooks], model.prices)
+    for round_ in range(refine_rounds):
         codes = model.encode(x)
         chosen = [book[codes[:, level]] for level, book in enumerate(model.codebooks)]
         total = sum(chosen)
@@ -149,15 +207,18 @@ def fit_rqkmeans(
             new = model.codebooks[level][codes[:, level]]
             total = total - chosen[level] + new
             chosen[level] = new
+        if balanced:  # prices of the old codewords over-correct the new ones
+            model.calibrate(x, seed + 100 * (round_ + 1))
         codes = model.encode(x)
         x_hat = model.decode(codes)
         errors.append(float(np.mean(np.sum((x - x_hat) ** 2, axis=1))))
         if errors[-1] < min(errors[:-1]):
-            best = [b.copy() for b in model.codebooks]
+            best = ([b.copy() for b in model.codebooks], model.prices)
         report(len(codebook_sizes) + len(errors) - 1, errors[-1])
-    model.codebooks = best
+    model.codebooks, model.prices = best
     return model, {
         "method": "rqkmeans",
+        "balanced": balanced,
         "codebook_sizes": list(codebook_sizes),
         "kmeans_iterations": iterations,
         "kmeans_device": device,

@@ -26,7 +26,12 @@ import torch
 from torch import nn
 
 from sidpipe.config import TokenizerConfig
+from sidpipe.models.balance import PER_CODE, is_balanced, sample_rows
 from sidpipe.models.quantizer import LevelQuantizer
+
+EPOCH_CALIBRATION_STEPS = (
+    10  # balanced: price steps after each epoch (the codewords moved a little)
+)
 
 
 @contextlib.contextmanager
@@ -61,6 +66,7 @@ class RQVAEConfig:
     commitment_weight: float = 0.25
     codebook_update: str = "gradient"  # "gradient" (codebook loss) or "ema" (moving averages)
     ema_decay: float = 0.99
+    balanced: bool = False  # tokenizers saved before balancing have no prices
 
     @classmethod
     def from_settings(
@@ -74,6 +80,7 @@ class RQVAEConfig:
             commitment_weight=settings.commitment_weight,
             codebook_update=settings.codebook_update,
             ema_decay=settings.ema_decay,
+            balanced=settings.balanced,
         )
 
 
@@ -98,9 +105,14 @@ class RQVAE(nn.Module):
         self.decoder = _mlp([config.latent_dim, *reversed(config.hidden_dims), config.input_dim])
         ema = config.codebook_update == "ema"
         self.quantizers = nn.ModuleList(
-            LevelQuantizer(k, config.latent_dim, ema, config.ema_decay)
-            for k in config.codebook_sizes
+            LevelQuantizer(k, config.latent_dim, ema, config.ema_decay, balanced)
+            for k, balanced in zip(config.codebook_sizes, self._balanced_levels(), strict=True)
         )
+
+    def _balanced_levels(self) -> list[bool]:
+        return [
+            self.config.balanced and is_balanced(i) for i in range(len(self.config.codebook_sizes))
+        ]
 
     @property
     def levels(self) -> int:
@@ -173,7 +185,7 @@ class RQVAE(nn.Module):
         self.eval()
         xb = torch.from_numpy(np.ascontiguousarray(x, np.float32))
         _, _, residuals = self.quantize(self.encoder(self.standardize(xb)))
-        distances = torch.cdist(residuals[-1], self.quantizers[-1].codebook)
+        distances = self.quantizers[-1].distances(residuals[-1])
         return distances.argsort(dim=1).to(torch.int32).numpy()
 
     @torch.no_grad()
@@ -191,6 +203,19 @@ class RQVAE(nn.Module):
                 x_hat = self.decoder(partial) * self.std + self.mean
                 sums[depth] += torch.nn.functional.cosine_similarity(x_hat, xb, dim=1).sum().item()
         return [float(s / max(len(x), 1)) for s in sums]
+
+    @torch.no_grad()
+    def calibrate(self, x: torch.Tensor, seed: int, steps: int | None = None) -> None:
+        """Fit every level's prices on embeddings x, level by level (balanced only): afresh, or
+        `steps` steps on from the current ones."""
+        if not self.config.balanced:
+            return
+        x = sample_rows(x, PER_CODE * max(self.config.codebook_sizes), seed)
+        residual = self.encoder(self.standardize(x))
+        for level, quantizer in enumerate(self.quantizers):
+            if quantizer.balanced:
+                quantizer.calibrate(residual, seed + level, steps)
+            residual = residual - quantizer(residual)[1]
 
     # -- saving ------------------------------------------------------------------------------------
     def state(self) -> tuple[dict[str, np.ndarray], dict]:
@@ -285,6 +310,7 @@ def _fit(x, codebook_sizes, settings: TokenizerConfig, progress):
         losses = {name: value / n for name, value in totals.items()}
         if epoch < settings.epochs - 1:
             _restart_dead_codes(model, xt, usage, rng, restarts)
+        model.calibrate(xt, settings.seed + epoch, EPOCH_CALIBRATION_STEPS)  # codewords moved
         if n_val:
             with torch.no_grad():
                 model.eval()
@@ -300,6 +326,9 @@ def _fit(x, codebook_sizes, settings: TokenizerConfig, progress):
             break
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.calibrate(
+        xt, settings.seed + settings.epochs
+    )  # the kept codewords' own prices, fitted afresh
     return model, {
         "method": "rqvae",
         "codebook_sizes": list(codebook_sizes),

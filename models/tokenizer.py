@@ -20,7 +20,7 @@ from sidpipe.models.rqvae import RQVAE, fit_rqvae
 # The one registry of tokenizer methods: how to fit one, and the class that loads it.
 METHODS = {"rqvae": (fit_rqvae, RQVAE), "rqkmeans": (fit_rqkmeans, RQKMeans)}
 # Part of every tokenizer id: bump when fitting changes, so new weights never share an old id.
-ALGORITHM_VERSION = 2
+ALGORITHM_VERSION = 3
 HUGE_NORM_RATIO = 1e3  # a norm this many times the median is a broken vector, not an item
 
 
@@ -118,6 +118,15 @@ def size_codebooks(
         f"{min_points_per_code} per code): shrinking to {'/'.join(map(str, sizes))}. "
         "Set tokenizer.small_catalog=refuse to fail instead."
     )
+
+
+def fit_sample(x: np.ndarray, size: int | None, seed: int) -> np.ndarray:
+    """The rows a tokenizer is fitted on: a seeded sample of `size` rows, in their order (all of
+    x when size is None or not smaller)."""
+    if size is None or size >= len(x):
+        return x
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), size, replace=False))
+    return np.asarray(x[rows], np.float32)
 
 
 def fit_tokenizer(

@@ -174,7 +174,26 @@ class TokenizerConfig(_Section):
     refine_rounds: int = Field(
         default=3, ge=0, description="RQ-KMeans: coordinate-descent rounds after k-means."
     )
+    balanced_codes: bool | None = Field(
+        default=None,
+        description="Balanced code assignment below the first level (per-code prices fitted so "
+        "codes share items evenly; saved with the tokenizer): keeps deep levels from collapsing. "
+        "None: on for rqkmeans, off for rqvae (where each measured better on Amazon Beauty).",
+    )
+    fit_sample_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="Fit on a seeded sample of this many items (none: all); every item is "
+        "encoded either way.",
+    )
     seed: int = 42
+
+    @property
+    def balanced(self) -> bool:
+        """Whether this fit balances its codes (`balanced_codes`, or the method's default)."""
+        if self.balanced_codes is None:
+            return self.method == "rqkmeans"
+        return self.balanced_codes
 
     @field_validator("codebook_sizes")
     @classmethod

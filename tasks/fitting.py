@@ -25,6 +25,7 @@ from sidpipe.models.sids import codebook_tokens, sid_quality
 from sidpipe.models.tokenizer import (
     ALGORITHM_VERSION,
     Tokenizer,
+    fit_sample,
     fit_tokenizer,
     load_tokenizer_state,
     save_tokenizer,
@@ -137,9 +138,11 @@ def fit_and_store(
     gates, and store it in `folder` (default: `tokenizers/<tokenizer_id>/`).
 
     `embed` describes the embedding space (`key` is part of the id), `data_hash` the exact
-    training rows, `trained_on` where they came from (recorded, not hashed)."""
+    training rows, `trained_on` where they came from (recorded, not hashed). With
+    `fit_sample_size`, the fit sees a seeded sample of x and every row of x is encoded."""
+    fit_x = fit_sample(x, config.fit_sample_size, config.seed)
     sizes, message = size_codebooks(
-        len(x), config.codebook_sizes, config.min_points_per_code, config.small_catalog
+        len(fit_x), config.codebook_sizes, config.min_points_per_code, config.small_catalog
     )
     if message:
         log.warning("fit: %s", message)
@@ -168,14 +171,15 @@ def fit_and_store(
                 )
                 return FittedTokenizer(tokenizer_id, tokenizer, sizes, message, False, {})
 
-    log.info("fit: training %s on %d items, codebooks %s", tokenizer_id, len(x), sizes)
+    log.info("fit: training %s on %d items, codebooks %s", tokenizer_id, len(fit_x), sizes)
     with Progress(f"fit {config.method}", total=None, unit="steps") as bar:
 
         def progress(done: int, total: int, losses: dict[str, float]) -> None:
             loss = f"loss {losses['total']:.4f}" if "total" in losses else None
             bar.update(done, status=loss, total=total)
 
-        tokenizer, report = fit_tokenizer(x, sizes, config, progress)
+        tokenizer, report = fit_tokenizer(fit_x, sizes, config, progress)
+    report["fitted_on"] = len(fit_x)
     codes = encode(tokenizer, x, "fit: encode")
     quality = sid_quality(codes, sizes)
     quality["reconstruction_cosine_by_depth"] = tokenizer.reconstruction_cosine_by_depth(x)
@@ -196,7 +200,12 @@ def fit_and_store(
             "codebook_sizes": sizes,
             "sizing_message": message,
             "embed": embed,
-            "trained_on": {"items": len(x), "data_hash": data_hash, **trained_on},
+            "trained_on": {
+                "items": len(x),
+                "fitted_on": len(fit_x),
+                "data_hash": data_hash,
+                **trained_on,
+            },
             "weights_sha256": sha256_bytes(weights),
             "created_at": utcnow().isoformat(),
         },

@@ -153,3 +153,24 @@ def test_fit_with_rqvae_and_reassign(tmp_path):
     assert quality["collisions"]["reassigned"] > 0
     assert quality["distinct_tuple_rate"] > quality["collisions"]["before"]["distinct_tuple_rate"]
     assert np.isclose(quality["items"], 300)
+
+
+def test_fit_on_a_sample_encodes_every_item(tmp_path):
+    """tokenizer.fit_sample_size: the fit sees a seeded sample, every item gets a SID."""
+    import json
+
+    x = clustered(600, dim=16, centers=30)
+    ids = [str(i) for i in range(600)]
+    write_embeddings(tmp_path / "e.parquet", ids, [list(map(float, v)) for v in x])
+    (tmp_path / "c.yaml").write_text("tokenizer:\n  fit_sample_size: 250\n")
+    args = ["fit", "--embeddings", str(tmp_path / "e.parquet"), "--codebooks", "8,8"]
+    args += ["--method", "rqkmeans", "--config", str(tmp_path / "c.yaml")]
+    for out in ("a", "b"):
+        result = CliRunner().invoke(app, [*args, "--out", str(tmp_path / out)])
+        assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "a" / "tokenizer" / "config.json").read_text())
+    assert config["trained_on"]["items"] == 600 and config["trained_on"]["fitted_on"] == 250
+    sids = pq.read_table(tmp_path / "a" / "sids.parquet")
+    assert sorted(sids["item_id"].to_pylist()) == sorted(ids)
+    again = pq.read_table(tmp_path / "b" / "sids.parquet")  # the same seeded sample
+    assert sids.sort_by("item_id")["sid"].equals(again.sort_by("item_id")["sid"])

@@ -1,0 +1,216 @@
+"""Benchmark: SID tokenizers at production scale (4096/2048/1024) on a long-tailed catalog.
+
+Generates a seeded synthetic catalog of N embeddings that looks like a real one where it hurts
+tokenizers: clusters of very different sizes (Zipf) and spreads, inside 200 broad categories,
+1% exact duplicates and 0.1% outliers with a norm 50-500x the rest. It is written once, in
+chunks, to a float16 memory-mapped file (`bench/.cache/`), so generating, fitting and encoding
+a 1M x 1536 catalog never holds it in float32 memory.
+
+Each method runs in its own process (so its peak RSS is its own): it fits on a seeded sample
+(`tokenizer.fit_sample_size`), then encodes every item in 65,536-row shards read from the file.
+Printed per method: distinct code tuples per item (before any suffix), per-level codebook usage
+and perplexity, reconstruction cosine, fit seconds, encode items/min, peak RSS, and the machine;
+faiss's ResidualQuantizer (greedy) is the peer, fitted on the same sample in the same run.
+
+    python bench/tokenizer_scale.py --n 1000000 --dim 256
+    python bench/tokenizer_scale.py --n 1000000 --dim 1536 --methods rqkmeans-balanced
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.tokenizers import machine  # noqa: E402
+
+SIZES = [4096, 2048, 1024]
+SHARD = 65536
+CACHE = Path(__file__).resolve().parent / ".cache"
+METHODS = ["rqkmeans", "rqkmeans-balanced", "rqvae", "rqvae-balanced", "faiss-rq"]
+
+
+# -- the catalog ---------------------------------------------------------------------------------
+def synthetic(n: int, dim: int, seed: int = 0) -> np.memmap:
+    """The seeded long-tailed catalog [n, dim] as a float16 memmap (generated once, cached)."""
+    path = CACHE / f"synthetic-{n}x{dim}-seed{seed}.f16"
+    if path.exists():
+        return np.memmap(path, np.float16, "r", shape=(n, dim))
+    CACHE.mkdir(exist_ok=True)
+    rng = np.random.default_rng(seed)
+    categories = rng.standard_normal((200, dim)).astype(np.float32)
+    clusters = max(n // 50, 10)
+    weights = 1.0 / np.arange(1, clusters + 1) ** 1.1  # Zipf: a few huge clusters, a long tail
+    weights /= weights.sum()
+    centers = categories[rng.integers(0, 200, clusters)]
+    centers += 0.6 * rng.standard_normal((clusters, dim)).astype(np.float32)
+    spread = np.exp(rng.normal(-1.0, 0.5, clusters)).astype(np.float32)
+    tmp = path.with_suffix(".tmp")
+    out = np.memmap(tmp, np.float16, "w+", shape=(n, dim))
+    for start in range(0, n, SHARD):
+        rows = min(SHARD, n - start)
+        r = np.random.default_rng([seed, start])
+        member = r.choice(clusters, size=rows, p=weights)
+        x = centers[member] + spread[member, None] * r.standard_normal((rows, dim), np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        dup = r.choice(rows, rows // 100, replace=False)  # 1% exact copies of other items
+        x[dup] = x[r.integers(0, rows, len(dup))]
+        far = r.choice(rows, max(1, rows // 1000), replace=False)  # 0.1% huge-norm outliers
+        x[far] *= r.uniform(50, 500, len(far))[:, None].astype(np.float32)
+        out[start : start + rows] = x
+    out.flush()
+    del out
+    tmp.rename(path)
+    return np.memmap(path, np.float16, "r", shape=(n, dim))
+
+
+def sample(x: np.memmap, size: int, seed: int = 0) -> np.ndarray:
+    rows = np.sort(np.random.default_rng(seed).choice(len(x), min(size, len(x)), replace=False))
+    return np.asarray(x[rows], np.float32)
+
+
+# -- one method, in its own process ----------------------------------------------------------------
+def run_method(method: str, x: np.memmap, fit_sample: int) -> dict:
+    fit_x = sample(x, fit_sample)
+    started = time.perf_counter()
+    encode, decode = fit(method, fit_x)
+    fit_s = time.perf_counter() - started
+    del fit_x
+    codes = np.zeros((len(x), len(SIZES)), np.int32)
+    cos_sum, encode_s = 0.0, 0.0
+    for start in range(0, len(x), SHARD):
+        xb = np.asarray(x[start : start + SHARD], np.float32)
+        t = time.perf_counter()
+        codes[start : start + len(xb)] = encode(xb)
+        encode_s += time.perf_counter() - t
+        xh = decode(codes[start : start + len(xb)])
+        den = np.linalg.norm(xh, axis=1) * np.linalg.norm(xb, axis=1)
+        cos_sum += float(((xh * xb).sum(1) / np.maximum(den, 1e-12)).sum())
+    from sidpipe.models.sids import sid_quality
+
+    q = sid_quality(codes, SIZES)
+    return {
+        "method": method,
+        "fit_s": fit_s,
+        "encode_per_min": len(x) / encode_s * 60,
+        "distinct": q["distinct_tuple_rate"],
+        "max_bucket": q["max_bucket"],
+        "usage": [lv["utilization"] for lv in q["levels"]],
+        "perplexity": [lv["perplexity"] for lv in q["levels"]],
+        "cosine": cos_sum / len(x),
+        "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
+    }
+
+
+def fit(method: str, x: np.ndarray):
+    """(encode, decode) of `method` fitted on x."""
+    if method == "faiss-rq":
+        return fit_faiss_rq(x)
+    from sidpipe.config import TokenizerConfig
+    from sidpipe.models.tokenizer import fit_tokenizer
+
+    name, _, balanced = method.partition("-")
+    settings = TokenizerConfig(
+        method=name, codebook_sizes=SIZES, balanced_codes=bool(balanced), min_points_per_code=1
+    )
+    tokenizer, _ = fit_tokenizer(x, SIZES, settings)
+    return tokenizer.encode, tokenizer.decode
+
+
+def fit_faiss_rq(x: np.ndarray):
+    """faiss.ResidualQuantizer, greedy (beam 1), 12/11/10 bits, on mean-centred inputs."""
+    import faiss
+
+    mean = x.mean(axis=0)
+    bits = [int(np.log2(k)) for k in SIZES]
+    rq = faiss.ResidualQuantizer(x.shape[1], bits)
+    rq.max_beam_size = 1
+    rq.train(np.ascontiguousarray(x - mean))
+
+    def encode(v: np.ndarray) -> np.ndarray:
+        packed = rq.compute_codes(np.ascontiguousarray(v - mean, np.float32))
+        bitstream = np.unpackbits(packed, axis=1, bitorder="little")  # faiss packs LSB first
+        out, at = np.zeros((len(v), len(bits)), np.int32), 0
+        for level, b in enumerate(bits):
+            out[:, level] = bitstream[:, at : at + b].astype(np.int32) @ (1 << np.arange(b))
+            at += b
+        return out
+
+    def decode(codes: np.ndarray) -> np.ndarray:
+        out = np.broadcast_to(mean, (len(codes), len(mean))).copy()
+        books = faiss.vector_to_array(rq.codebooks).reshape(-1, x.shape[1])
+        offsets = np.cumsum([0, *SIZES[:-1]])
+        for level, offset in enumerate(offsets):
+            out += books[offset + codes[:, level]]
+        return out
+
+    return encode, decode
+
+
+# -- the table -----------------------------------------------------------------------------------
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1_000_000)
+    parser.add_argument("--dim", type=int, default=256)
+    parser.add_argument("--fit-sample", type=int, default=262_144)
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--one", help=argparse.SUPPRESS)  # run one method, print its JSON
+    args = parser.parse_args()
+    x = synthetic(args.n, args.dim)
+    if args.one:
+        print(json.dumps(run_method(args.one, x, args.fit_sample)))
+        return
+    print(
+        f"{args.n:,} x {args.dim} synthetic items, codebooks {SIZES}, fit on a sample of "
+        f"{min(args.fit_sample, args.n):,}; {machine()}",
+        flush=True,
+    )
+    rows = []
+    for method in args.methods.split(","):
+        cmd = [
+            sys.executable,
+            __file__,
+            "--n",
+            str(args.n),
+            "--dim",
+            str(args.dim),
+            "--fit-sample",
+            str(args.fit_sample),
+            "--one",
+            method,
+        ]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode:
+            print(f"{method}: failed: {done.stderr.strip().splitlines()[-1:]}", flush=True)
+            continue
+        rows.append(json.loads(done.stdout.strip().splitlines()[-1]))
+        print(line(rows[-1]), flush=True)
+    peer = next((r for r in rows if r["method"] == "faiss-rq"), None)
+    if peer:
+        for r in rows:
+            print(
+                f"{r['method']}: cosine {r['cosine'] / peer['cosine']:.3f}x faiss-rq's, "
+                f"distinct {r['distinct'] / max(peer['distinct'], 1e-9):.2f}x"
+            )
+
+
+def line(r: dict) -> str:
+    usage = "/".join(f"{u:.2f}" for u in r["usage"])
+    perplexity = "/".join(f"{p:.0f}" for p in r["perplexity"])
+    return (
+        f"| {r['method']} | {r['distinct']:.3f} | {r['max_bucket']} | {usage} | {perplexity} "
+        f"| {r['cosine']:.3f} | {r['fit_s']:.0f} | {r['encode_per_min'] / 1e6:.2f}M "
+        f"| {r['peak_rss_gb']:.2f} |"
+    )
+
+
+if __name__ == "__main__":
+    main()
