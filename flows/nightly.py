@@ -1,6 +1,7 @@
 """The nightly tokenization flow: catalog in, published SID table out.
 
-    ingest -> [caption -> interests -> embed] per item shard -> fit -> assign -> publish
+    ingest -> [caption -> interests -> embed] per item shard -> fit -> [encode] per shard
+    -> assign -> publish
 
 `nightly_tokenization` is what deployments run: it settles the run's date and picks the task
 runner from the config, then runs `tokenize_catalog`, whose body is the DAG, one call per stage.
@@ -28,6 +29,7 @@ from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.assign import assign_task
 from sidpipe.tasks.caption import caption_task
 from sidpipe.tasks.embed import embed_task
+from sidpipe.tasks.encode import encode_task
 from sidpipe.tasks.fit import fit_task
 from sidpipe.tasks.ingest import ingest_task
 from sidpipe.tasks.interests import interests_task
@@ -122,7 +124,10 @@ def tokenize_catalog(config: PipelineConfig, run_date: date, parent_run: str | N
             embed = gather_task(store, run, [f.result() for f in embeds])
             check_items_left(store, config, run, ingest, [caption, interest, embed])
             fit = fit_task(store, config, run, embed)
-            assign = assign_task(store, config, run, embed, fit)
+            # Encoding maps over shards too (each reads only its own rows); assign gathers.
+            codes = encode_task.map(**same, embed=unmapped(embed), fit=unmapped(fit), shard=shards)
+            shards_in_flight = [*shards_in_flight, *codes]
+            assign = assign_task(store, config, run, embed, fit, [f.result() for f in codes])
             lock.ensure_held()
             manifest = publish_task(
                 store, config, run, ingest, [caption, interest, embed], fit, assign

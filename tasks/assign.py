@@ -1,6 +1,6 @@
 """assign: give every item its SID with the fit's tokenizer, keeping every SID that exists.
 
-Encodes the run's embeddings and builds the SID table against the catalog's last published one
+Gathers the codes `encode` staged per shard and builds the SID table against the catalog's last published one
 (`models.sid_table`: unchanged items keep their rows, collisions get a suffix or a free code,
 a refit gets a drift report); writes the table, its quality report and picture, and the token
 vocabulary into the run's staging folder for `publish`.
@@ -27,7 +27,8 @@ from sidpipe.storage.layout import QUALITY_FILE, QUALITY_PNG, SIDS_FILE, TOKENS_
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.published import latest_published, read_published_table
 from sidpipe.storage.store import ArtifactStore
-from sidpipe.tasks.fitting import encode, load_tokenizer
+from sidpipe.tasks.encode import read_codes
+from sidpipe.tasks.fitting import load_tokenizer
 from sidpipe.tasks.report import quality_png
 from sidpipe.tasks.stage import (
     TASK_OPTIONS,
@@ -47,6 +48,7 @@ def assign_stage(
     items: pa.Table,
     embed: StageOutcome,
     fit: FitOutcome,
+    codes_files: list[str],
     config: TokenizerConfig | None = None,
 ) -> AssignOutcome:
     started = time.perf_counter()
@@ -57,7 +59,9 @@ def assign_stage(
         keep = [i for i, item_id in enumerate(item_ids) if item_id not in rejected]
         item_ids, x = [item_ids[i] for i in keep], x[keep]
     tokenizer, _ = load_tokenizer(store, fit.tokenizer_id)
-    codes = encode(tokenizer, x, "assign: encode")
+    staged_ids, staged_codes = read_codes(store, run, codes_files)
+    position = {item_id: i for i, item_id in enumerate(staged_ids)}
+    codes = staged_codes[[position[item_id] for item_id in item_ids]]
     previous_run = latest_published(store, run.catalog, not_after=run.run_date)
     previous = None
     if previous_run is not None and "sids" in previous_run.files:
@@ -137,8 +141,10 @@ def assign_task(
     run: RunInfo,
     embed: StageOutcome,
     fit: FitOutcome,
+    codes_files: list[str],
 ) -> AssignOutcome:
-    outcome = assign_stage(store, run, read_items(store, run), embed, fit, config.tokenizer)
+    items = read_items(store, run)
+    outcome = assign_stage(store, run, items, embed, fit, codes_files, config.tokenizer)
     create_markdown_artifact(
         quality_markdown(outcome.quality), key="sid-quality", description="SID quality of this run"
     )

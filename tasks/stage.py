@@ -180,11 +180,14 @@ def read_items(store: ArtifactStore, run: RunInfo) -> pa.Table:
 
 # -- an upstream stage's results for this run's items ----------------------------------------------
 def _cached_rows(
-    store: ArtifactStore, run: RunInfo, outcome: StageOutcome
+    store: ArtifactStore, run: RunInfo, outcome: StageOutcome, rows: slice | None = None
 ) -> tuple[pa.Table, pa.Table | None, np.ndarray]:
-    """The run's index of a stage (sorted by item_id), its cached rows, and for each index row
-    the position of its cached row (-1: not in the cache)."""
+    """The run's index of a stage (sorted by item_id; `rows` of it), its cached rows, and for
+    each index row the position of its cached row (-1: not in the cache)."""
     index = read_index(store, run, outcome)
+    if index is not None and rows is not None:
+        start, stop, _ = rows.indices(index.num_rows)
+        index = index.sort_by("item_id").slice(start, max(stop - start, 0))
     if index is None or index.num_rows == 0:
         empty = pa.table(
             {"item_id": pa.array([], pa.string()), INPUT_HASH: pa.array([], pa.string())}
@@ -213,11 +216,15 @@ def stage_values(
 
 
 def stage_matrix(
-    store: ArtifactStore, run: RunInfo, outcome: StageOutcome, column: str
+    store: ArtifactStore,
+    run: RunInfo,
+    outcome: StageOutcome,
+    column: str,
+    rows: slice | None = None,
 ) -> tuple[list[str], list[str], np.ndarray]:
-    """(item_ids, input hashes, float32 matrix [N, D]) of a vector column, in item_id order;
-    every item of the index must be in the cache."""
-    index, cached, positions = _cached_rows(store, run, outcome)
+    """(item_ids, input hashes, float32 matrix [N, D]) of a vector column, in item_id order
+    (`rows` of that order: only their cached rows are read); every item must be cached."""
+    index, cached, positions = _cached_rows(store, run, outcome, rows)
     ids, hashes = index["item_id"].to_pylist(), index[INPUT_HASH].to_pylist()
     if cached is None and ids:
         raise RuntimeError(f"{outcome.stage} cache {outcome.key} has none of this run's items")

@@ -326,18 +326,33 @@ def test_backfill_refuses_an_empty_range(tmp_path):
 
 
 # -- task runners --------------------------------------------------------------------------------
-@pytest.mark.parametrize("runner", ["process", "dask"])
-def test_other_task_runners_run_the_same_flow(tmp_path, small_catalog, runner):
-    if runner == "dask":
-        pytest.importorskip("prefect_dask")
-    config = small_config(
-        str(tmp_path / "store"),
-        str(small_catalog),
-        orchestration={"shard_size": 40, "task_runner": runner, "max_workers": 2},
-    )
-    manifest = run_flow(config)
-    assert manifest["counts"]["assigned"] == 120
-    assert manifest["stages"]["embed"]["computed"] == 120
+def test_task_runners_give_byte_identical_sids(tmp_path, small_catalog):
+    """Every shard stage (caption, interests, embed, encode) runs on the runner's workers; the
+    published SID table is the same file, byte for byte, on thread, process, Dask and Ray (when
+    prefect-ray is installed)."""
+    runners = ["thread", "process", "dask"]
+    try:
+        import prefect_ray  # noqa: F401
+
+        runners.append("ray")
+    except ImportError:
+        pass
+    tables = {}
+    for runner in runners:
+        config = small_config(
+            str(tmp_path / runner),
+            str(small_catalog),
+            orchestration={"shard_size": 40, "task_runner": runner, "max_workers": 2},
+        )
+        manifest = run_flow(config)
+        assert manifest["counts"]["assigned"] == 120
+        assert manifest["stages"]["embed"]["computed"] == 120
+        tables[runner] = ArtifactStore(config.store).read_bytes(
+            "sids", "test-catalog", DAY.isoformat(), "sids.parquet"
+        )
+    assert all(table == tables["thread"] for table in tables.values()), [
+        runner for runner, table in tables.items() if table != tables["thread"]
+    ]
 
 
 # -- global concurrency limits ---------------------------------------------------------------------
