@@ -78,10 +78,10 @@ def sample(x: np.memmap, size: int, seed: int = 0) -> np.ndarray:
 
 
 # -- one method, in its own process ----------------------------------------------------------------
-def run_method(method: str, x: np.memmap, fit_sample: int) -> dict:
+def run_method(method: str, x: np.memmap, fit_sample: int, settings: dict) -> dict:
     fit_x = sample(x, fit_sample)
     started = time.perf_counter()
-    encode, decode = fit(method, fit_x)
+    encode, decode = fit(method, fit_x, settings)
     fit_s = time.perf_counter() - started
     del fit_x
     codes = np.zeros((len(x), len(SIZES)), np.int32)
@@ -110,18 +110,22 @@ def run_method(method: str, x: np.memmap, fit_sample: int) -> dict:
     }
 
 
-def fit(method: str, x: np.ndarray):
-    """(encode, decode) of `method` fitted on x."""
+def fit(method: str, x: np.ndarray, settings: dict):
+    """(encode, decode) of `method` fitted on x (`settings`: more TokenizerConfig fields)."""
     if method == "faiss-rq":
         return fit_faiss_rq(x)
     from sidpipe.config import TokenizerConfig
     from sidpipe.models.tokenizer import fit_tokenizer
 
     name, _, balanced = method.partition("-")
-    settings = TokenizerConfig(
-        method=name, codebook_sizes=SIZES, balanced_codes=bool(balanced), min_points_per_code=1
+    config = TokenizerConfig(
+        method=name,
+        codebook_sizes=SIZES,
+        balanced_codes=bool(balanced),
+        min_points_per_code=1,
+        **settings,
     )
-    tokenizer, _ = fit_tokenizer(x, SIZES, settings)
+    tokenizer, _ = fit_tokenizer(x, SIZES, config)
     return tokenizer.encode, tokenizer.decode
 
 
@@ -131,7 +135,10 @@ def fit_faiss_rq(x: np.ndarray):
 
     mean = x.mean(axis=0)
     bits = [int(np.log2(k)) for k in SIZES]
-    rq = faiss.ResidualQuantizer(x.shape[1], bits)
+    nbits = faiss.UInt64Vector()  # per-level bits: the SWIG constructor takes no Python list
+    for b in bits:
+        nbits.push_back(b)
+    rq = faiss.ResidualQuantizer(x.shape[1], nbits)
     rq.max_beam_size = 1
     rq.train(np.ascontiguousarray(x - mean))
 
@@ -162,11 +169,12 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--fit-sample", type=int, default=262_144)
     parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--settings", default="{}", help="more tokenizer settings, JSON")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # run one method, print its JSON
     args = parser.parse_args()
     x = synthetic(args.n, args.dim)
     if args.one:
-        print(json.dumps(run_method(args.one, x, args.fit_sample)))
+        print(json.dumps(run_method(args.one, x, args.fit_sample, json.loads(args.settings))))
         return
     print(
         f"{args.n:,} x {args.dim} synthetic items, codebooks {SIZES}, fit on a sample of "
@@ -184,6 +192,8 @@ def main() -> None:
             str(args.dim),
             "--fit-sample",
             str(args.fit_sample),
+            "--settings",
+            args.settings,
             "--one",
             method,
         ]

@@ -1,7 +1,8 @@
-"""Benchmark: SID tokenizers on Amazon Beauty (and optionally a large synthetic set), in one run.
+"""Benchmark: SID tokenizers on Amazon Beauty, in one run.
 
 Compares, at the same codebook sizes, on the same embeddings:
-- sidpipe RQ-VAE and sidpipe RQ-KMeans, each with the TIGER suffix only and with `reassign`
+- sidpipe RQ-VAE and sidpipe RQ-KMeans, each with balanced codes off and on, with the TIGER
+  suffix only and with `reassign`
   (colliding items moved to the nearest free last-level code);
 - faiss.ResidualQuantizer (greedy, max_beam_size=1);
 - vector-quantize-pytorch ResidualVQ (k-means init, dead-code expiry), if installed
@@ -10,8 +11,8 @@ Reported per method: fit time, encoding speed, distinct code tuples per item (be
 largest bucket, per-level utilization and perplexity, and the mean cosine between each item's
 embedding and its reconstruction from the codes it was given.
 
-    python bench/tokenizers.py                       # Beauty, 3x256 (embeds Beauty once: ~3 min)
-    python bench/tokenizers.py --synthetic 1000000   # + 1M synthetic items at 4096/2048/1024
+    python bench/tokenizers.py            # Beauty, 3x256 (embeds Beauty once: ~3 min)
+    python bench/tokenizer_scale.py       # a long-tailed 1M-item catalog at 4096/2048/1024
 """
 
 from __future__ import annotations
@@ -79,6 +80,7 @@ def row(name, fit_s, rate, codes, sizes, cosine) -> dict:
 
 def sidpipe_rows(x, sizes, method, settings) -> list[dict]:
     cfg = TokenizerConfig(method=method, codebook_sizes=sizes, min_points_per_code=1, **settings)
+    name = f"{method}, {'balanced' if cfg.balanced else 'plain'}"
     started = time.perf_counter()
     tokenizer, _ = fit_tokenizer(x, sizes, cfg)
     fit_s = time.perf_counter() - started
@@ -95,7 +97,7 @@ def sidpipe_rows(x, sizes, method, settings) -> list[dict]:
     moved = np.asarray(reassigned["codes"].to_pylist(), np.int32)
     return [
         row(
-            f"sidpipe {method}",
+            f"sidpipe {name}",
             fit_s,
             rate,
             codes,
@@ -103,7 +105,7 @@ def sidpipe_rows(x, sizes, method, settings) -> list[dict]:
             reconstruction_cosine(tokenizer, x, codes),
         ),
         row(
-            f"sidpipe {method} + reassign",
+            f"sidpipe {name} + reassign",
             fit_s,
             rate,
             moved,
@@ -215,19 +217,15 @@ def print_table(title: str, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--codebooks", default="256,256,256")
-    parser.add_argument(
-        "--synthetic",
-        type=int,
-        default=0,
-        help="also run N synthetic items at --synthetic-codebooks",
-    )
-    parser.add_argument("--synthetic-codebooks", default="4096,2048,1024")
     args = parser.parse_args()
     print(f"machine: {machine()}")
 
     sizes = [int(k) for k in args.codebooks.split(",")]
     _, x = beauty_embeddings()
-    rows = sidpipe_rows(x, sizes, "rqvae", {}) + sidpipe_rows(x, sizes, "rqkmeans", {})
+    rows = []
+    for method in ("rqvae", "rqkmeans"):  # balanced codes on and off, whichever is the default
+        for balanced in (False, True):
+            rows += sidpipe_rows(x, sizes, method, {"balanced_codes": balanced})
     rows.append(faiss_rq_row(x, sizes))
     rvq = residual_vq_row(x, sizes)
     rows += [rvq] if rvq else []
@@ -239,20 +237,7 @@ def main() -> None:
     if rvq is None:
         print("(vector-quantize-pytorch not installed: pip install vector-quantize-pytorch)")
 
-    if args.synthetic:
-        big_sizes = [int(k) for k in args.synthetic_codebooks.split(",")]
-        rng = np.random.default_rng(0)
-        centers = rng.standard_normal((20_000, x.shape[1])).astype(np.float32)
-        xs = centers[rng.integers(0, len(centers), args.synthetic)] + 0.3 * rng.standard_normal(
-            (args.synthetic, x.shape[1])
-        ).astype(np.float32)
-        xs /= np.linalg.norm(xs, axis=1, keepdims=True)
-        rows = sidpipe_rows(xs, big_sizes, "rqkmeans", {})
-        print_table(
-            f"synthetic: {len(xs):,} items (20k clusters), codebooks "
-            f"{'/'.join(map(str, big_sizes))}",
-            rows,
-        )
+    print("(catalogs at scale, 4096/2048/1024: python bench/tokenizer_scale.py)")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,37 @@
+"""bench/tokenizer_scale.py: the synthetic catalog is seeded and long-tailed, and every method
+(the peer included) fits on a sample and encodes every item, streamed from the float16 file."""
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from bench import tokenizer_scale as bench  # noqa: E402
+
+
+@pytest.fixture
+def small(tmp_path, monkeypatch):
+    monkeypatch.setattr(bench, "CACHE", tmp_path)
+    monkeypatch.setattr(bench, "SIZES", [16, 8, 8])
+    monkeypatch.setattr(bench, "SHARD", 700)  # several shards
+
+
+def test_the_catalog_is_seeded_with_duplicates_and_outliers(small):
+    x = bench.synthetic(3000, 32)
+    assert x.dtype == np.float16 and x.shape == (3000, 32)
+    again = bench.synthetic(3000, 32)  # read back from the cache
+    assert np.array_equal(np.asarray(x), np.asarray(again))
+    norms = np.linalg.norm(np.asarray(x, np.float32), axis=1)
+    assert (norms > 40).sum() >= 3  # 0.1% per shard: outliers
+    assert len(np.unique(np.asarray(x), axis=0)) <= 3000 - 25  # 1% exact duplicates
+
+
+@pytest.mark.parametrize("method", ["rqkmeans-balanced", "faiss-rq"])
+def test_a_method_fits_on_a_sample_and_encodes_everything(small, method):
+    x = bench.synthetic(3000, 32)
+    row = bench.run_method(method, x, fit_sample=1500, settings={})
+    assert row["method"] == method
+    assert 0 < row["distinct"] <= 1 and len(row["usage"]) == 3
+    assert 0.3 < row["cosine"] <= 1 and row["encode_per_min"] > 0 and row["peak_rss_gb"] > 0
