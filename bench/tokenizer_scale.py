@@ -33,7 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.tokenizers import machine  # noqa: E402
 
 SIZES = [4096, 2048, 1024]
-SHARD = 65536
+SHARD = 65536  # rows of 256 values encoded at a time (fewer rows when wider)
+CHUNK = 65536  # rows generated at a time
 CACHE = Path(__file__).resolve().parent / ".cache"
 METHODS = ["rqkmeans", "rqkmeans-balanced", "rqvae", "rqvae-balanced", "faiss-rq"]
 
@@ -55,8 +56,8 @@ def synthetic(n: int, dim: int, seed: int = 0) -> np.memmap:
     spread = np.exp(rng.normal(-1.0, 0.5, clusters)).astype(np.float32)
     tmp = path.with_suffix(".tmp")
     out = np.memmap(tmp, np.float16, "w+", shape=(n, dim))
-    for start in range(0, n, SHARD):
-        rows = min(SHARD, n - start)
+    for start in range(0, n, CHUNK):  # the catalog never depends on SHARD
+        rows = min(CHUNK, n - start)
         r = np.random.default_rng([seed, start])
         member = r.choice(clusters, size=rows, p=weights)
         x = centers[member] + spread[member, None] * r.standard_normal((rows, dim), np.float32)
@@ -72,12 +73,27 @@ def synthetic(n: int, dim: int, seed: int = 0) -> np.memmap:
     return np.memmap(path, np.float16, "r", shape=(n, dim))
 
 
+def shards(x: np.memmap):
+    """(start, float32 rows) of x in shards of about SHARD x 256 values, read with plain file
+    reads: pages of a memory map would count in the process's RSS, a read buffer does not."""
+    rows = max(1, SHARD * 256 // x.shape[1])
+    with open(x.filename, "rb") as f:
+        for start in range(0, len(x), rows):
+            count = min(rows, len(x) - start) * x.shape[1]
+            block = np.fromfile(f, np.float16, count).reshape(-1, x.shape[1])
+            yield start, block.astype(np.float32)
+
+
 def sample(x: np.memmap, size: int, seed: int = 0) -> np.ndarray:
+    """A seeded sample of x's rows (float32), read shard by shard."""
     rows = np.sort(np.random.default_rng(seed).choice(len(x), min(size, len(x)), replace=False))
-    return np.asarray(x[rows], np.float32)
+    parts = []
+    for start, block in shards(x):
+        inside = rows[(rows >= start) & (rows < start + len(block))]
+        parts.append(block[inside - start])
+    return np.concatenate(parts)
 
 
-# -- one method, in its own process ----------------------------------------------------------------
 def run_method(method: str, x: np.memmap, fit_sample: int, settings: dict) -> dict:
     fit_x = sample(x, fit_sample)
     started = time.perf_counter()
@@ -86,8 +102,7 @@ def run_method(method: str, x: np.memmap, fit_sample: int, settings: dict) -> di
     del fit_x
     codes = np.zeros((len(x), len(SIZES)), np.int32)
     cos_sum, encode_s = 0.0, 0.0
-    for start in range(0, len(x), SHARD):
-        xb = np.asarray(x[start : start + SHARD], np.float32)
+    for start, xb in shards(x):
         t = time.perf_counter()
         codes[start : start + len(xb)] = encode(xb)
         encode_s += time.perf_counter() - t

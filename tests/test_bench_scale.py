@@ -15,7 +15,7 @@ from bench import tokenizer_scale as bench  # noqa: E402
 def small(tmp_path, monkeypatch):
     monkeypatch.setattr(bench, "CACHE", tmp_path)
     monkeypatch.setattr(bench, "SIZES", [16, 8, 8])
-    monkeypatch.setattr(bench, "SHARD", 700)  # several shards
+    monkeypatch.setattr(bench, "SHARD", 70)  # 560 rows of 32-d a shard: several shards
 
 
 def test_the_catalog_is_seeded_with_duplicates_and_outliers(small):
