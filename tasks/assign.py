@@ -1,9 +1,9 @@
 """assign: give every item its SID with the fit's tokenizer, keeping every SID that exists.
 
-Gathers the codes `encode` staged per shard and builds the SID table against the catalog's last published one
-(`models.sid_table`: unchanged items keep their rows, collisions get a suffix or a free code,
-a refit gets a drift report); writes the table, its quality report and picture, and the token
-vocabulary into the run's staging folder for `publish`.
+Gathers the codes `encode` staged per shard and builds the SID table against the catalog's last
+published one (`models.sid_table`: unchanged items keep their rows, collisions get a suffix or a
+free code, a refit gets a drift report); writes the table, its quality report and picture, and
+the token vocabulary into the run's staging folder for `publish`.
 """
 
 from __future__ import annotations
