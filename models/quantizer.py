@@ -5,8 +5,8 @@ from faiss k-means on the residuals of the *full* data (`init_kmeans`; a first b
 4,096 codes); it learns either by gradient (the codebook loss) or by exponential moving averages
 of the residuals that chose each code (`ema_update`); and a code nobody chose restarts on a
 random residual (`restart`), so capacity is never silently wasted. With `balanced`, it picks by
-distance plus a per-code price that keeps codes evenly used (`models.balance`). A residual quantizer (the
-RQ-VAE, or any model that needs codes) stacks levels and keeps its own loop thin.
+distance plus a per-code price that keeps codes evenly used (`models.balance`). A residual
+quantizer (the RQ-VAE, or any model that needs codes) stacks levels and keeps its own loop thin.
 
 `kmeans` is the one faiss k-means of the project (RQ-KMeans uses it too). Knows tensors and
 arrays only: no items, files or Prefect.
