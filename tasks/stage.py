@@ -185,15 +185,16 @@ def _cached_rows(
     """The run's index of a stage (sorted by item_id; `rows` of it), its cached rows, and for
     each index row the position of its cached row (-1: not in the cache)."""
     index = read_index(store, run, outcome)
-    if index is not None and rows is not None:
-        start, stop, _ = rows.indices(index.num_rows)
-        index = index.sort_by("item_id").slice(start, max(stop - start, 0))
+    if index is not None:
+        index = index.sort_by("item_id")
+        if rows is not None:
+            start, stop, _ = rows.indices(index.num_rows)
+            index = index.slice(start, max(stop - start, 0))
     if index is None or index.num_rows == 0:
         empty = pa.table(
             {"item_id": pa.array([], pa.string()), INPUT_HASH: pa.array([], pa.string())}
         )
         return empty, None, np.zeros(0, np.int64)
-    index = index.sort_by("item_id")
     hashes = index[INPUT_HASH].to_pylist()
     cached = StageCache(store, outcome.stage, outcome.key).lookup(hashes)
     row = {} if cached is None else {h: i for i, h in enumerate(cached[INPUT_HASH].to_pylist())}
