@@ -106,9 +106,17 @@ def backfill(
 ) -> list[dict]:
     """Run the nightly tokenization for every date from `start` to `end` (inclusive).
 
-    `overrides`: settings for every date's run, as a partial config (e.g. {"catalog": {"uri":
-    ...}}); the deployment's workers fill in the rest from their SIDPIPE_* environment.
-    `config`: the whole config, for runs in this process (no deployment)."""
+    Args:
+        start: The first date to tokenize.
+        end: The last date to tokenize (inclusive); not before `start`.
+        deployment: The deployment that runs each date (empty: each date runs in this
+            process).
+        overrides: Settings for every date's run, as a partial config, e.g. {"catalog": {"uri":
+            "s3://shop/catalog.parquet"}}; the workers fill in the rest from their SIDPIPE_*
+            environment.
+        config: The whole config, for dates run in this process (no deployment).
+        stop_on_failure: Stop at the first date that fails (later dates depend on it).
+    """
     logger = get_run_logger()
     days = dates_between(start, end)
     overrides = without_secrets(overrides)
@@ -138,27 +146,32 @@ def backfill(
             ok = _completed(child)
             state = child.state.name if child.state else "unknown"
             result = {"run_date": day.isoformat(), "state": state, "flow_run": str(child.id)}
+            if not ok:
+                result["error"] = (child.state.message if child.state else None) or state
         else:
             state = nightly_tokenization(
                 config or load_config(**overrides), run_date=day, return_state=True
             )
             ok = state.is_completed()
             result = {"run_date": day.isoformat(), "state": state.name, "flow_run": ""}
+            if not ok:
+                result["error"] = state.message or state.name
             if ok:
                 manifest = state.result()
                 result["run_id"] = manifest["run_id"]
                 result["assigned"] = manifest["counts"]["assigned"]
         result["ok"] = ok
         results.append(result)
-        logger.info("backfill %s: %s", day, result["state"])
+        why = "" if ok else f" ({result['error']})"
+        logger.info("backfill %s: %s%s", day, result["state"], why)
         if not ok and stop_on_failure:
             logger.error("backfill stops at %s (stop_on_failure): later dates not run", day)
             break
     create_table_artifact(results, key="backfill-summary", description=f"Backfill {start} .. {end}")
-    failed = [r["run_date"] for r in results if not r["ok"]]
+    failed = [f"{r['run_date']} ({r['error']})" for r in results if not r["ok"]]
     if failed or len(results) < len(days):
         raise BackfillError(
             f"backfill {start}..{end}: {len(results) - len(failed)} of {len(days)} dates "
-            f"published; failed: {', '.join(failed) or 'none'}"
+            f"published; failed: {'; '.join(failed) or 'none'}"
         )
     return results

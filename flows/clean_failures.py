@@ -3,7 +3,8 @@
 `@fail_cleanly` (under `@flow`) turns a `SidpipeError` into a Failed state whose message is the
 error's text (and hint): that is what the Prefect UI shows, and calling the flow still raises
 the error itself. A filter on Prefect's run loggers drops the traceback of such an error from
-the logs (its message stays). Any other exception is a bug and keeps its traceback.
+the logs (its message stays) and the engine's "exited with unexpected exception" line after
+it, so each expected failure is one line. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -16,11 +17,17 @@ from prefect.states import Failed
 
 from sidpipe.errors import SidpipeError
 
+# What Prefect's engine logs when a deployment's run ends Failed (its subprocess re-raises the
+# state's error): for an expected error the state message has already said it all.
+_ENGINE_EXIT = "Engine execution exited with unexpected exception"
+
 
 class _NoTracebackForExpectedErrors(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         error = record.exc_info[1] if record.exc_info else None
         if isinstance(error, SidpipeError):
+            if record.msg == _ENGINE_EXIT:
+                return False
             record.exc_info, record.exc_text = None, None
         return True
 

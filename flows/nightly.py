@@ -17,9 +17,9 @@ from zoneinfo import ZoneInfo
 
 from prefect import flow, get_run_logger, unmapped
 from prefect.futures import wait
-from prefect.runtime import flow_run
+from prefect.runtime import deployment, flow_run
 
-from sidpipe.config import PipelineConfig, resolve_config
+from sidpipe.config import PipelineConfig, documented_defaults, resolve_config
 from sidpipe.flows.clean_failures import fail_cleanly
 from sidpipe.flows.runners import make_task_runner
 from sidpipe.progress import show_sidpipe_info
@@ -58,20 +58,41 @@ def logical_date(run_date: date | None, timezone: str = "UTC") -> date:
 @flow(name="nightly-tokenization", log_prints=True)
 @fail_cleanly
 def nightly_tokenization(
-    config: PipelineConfig = PipelineConfig(),  # noqa: B008 - Prefect renders it as a form
+    config: PipelineConfig = documented_defaults(),  # noqa: B008 - Prefect renders it as a form
     run_date: date | None = None,
 ) -> dict:
     """Tokenize a catalog into Semantic IDs and publish them under <store>/sids/<catalog>/<date>/.
 
-    `run_date` defaults to the scheduled start (nightly runs, API backfills) or today; settings
-    not given here come from the worker's SIDPIPE_* environment."""
-    # Stage cores log through the `sidpipe` logger (Prefect forwards it: PREFECT_LOGGING_EXTRA_
-    # LOGGERS).
+    Args:
+        config: Settings of this run; what it leaves at the documented defaults comes from the
+            worker's SIDPIPE_* environment.
+        run_date: The date to publish under (empty: the scheduled start's date, or today).
+    """
+    # Stage cores log through the `sidpipe` logger: this sends it to the runs' logs in the UI.
     show_sidpipe_info()
-    config = resolve_config(config)
+    config = resolve_config(config, from_deployment=deployment.id is not None)
     day = logical_date(run_date, config.orchestration.timezone)
     runner = make_task_runner(config.orchestration)
-    return tokenize_catalog.with_options(task_runner=runner)(config, day, flow_run.id)
+    # The DAG runs as a subflow that carries the configured task runner; its artifacts attach
+    # to this run (sidpipe.artifacts), its stage lines stay in its own log, named for the day.
+    name = f"tokenize-{config.catalog.store_name}-{day.isoformat()}"
+    manifest = tokenize_catalog.with_options(task_runner=runner, flow_run_name=name)(
+        config, day, flow_run.id
+    )
+    counts = manifest["counts"]
+    get_run_logger().info(
+        "published %s/%s as run %s: %d items in, %d assigned, %d quarantined, %d failed "
+        "(stage lines: subflow %s)",
+        manifest["catalog"],
+        manifest["run_date"],
+        manifest["run_id"],
+        counts["input"],
+        counts["assigned"],
+        counts["quarantined"],
+        counts["failed"],
+        name,
+    )
+    return manifest
 
 
 @flow(name="tokenize-catalog")

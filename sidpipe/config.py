@@ -284,18 +284,26 @@ class PipelineConfig(BaseSettings):
         return init_settings, env_settings
 
 
-def resolve_config(config: PipelineConfig) -> PipelineConfig:
+def documented_defaults() -> PipelineConfig:
+    """The documented defaults, without this process's SIDPIPE_* environment: a flow's default
+    `config`, so a deployment's parameter form shows these, not the deployer's own settings
+    (e.g. its store path). `resolve_config` fills in the worker's environment at run time."""
+    return PipelineConfig.model_construct()
+
+
+def resolve_config(config: PipelineConfig, from_deployment: bool = False) -> PipelineConfig:
     """A config as a flow receives it, completed from this process's SIDPIPE_* environment.
 
     Prefect validates a deployment's (possibly partial) `config` parameter without reading the
-    environment, so a worker's SIDPIPE_STORE would be ignored. Fields the caller set, or changed
-    from their defaults (also by assignment after construction), win over the environment.
+    environment, so a worker's SIDPIPE_STORE would be ignored. Fields changed from their
+    defaults (also by assignment after construction) win over the environment; so do fields
+    the caller set, except `from_deployment`: the UI's Custom run form sends every field, the
+    documented defaults included, and those must not hide the worker's own settings.
     """
-    return load_config(
-        **deep_merge(
-            config.model_dump(exclude_defaults=True), config.model_dump(exclude_unset=True)
-        )
-    )
+    chosen = config.model_dump(exclude_defaults=True)
+    if not from_deployment:
+        chosen = deep_merge(chosen, config.model_dump(exclude_unset=True))
+    return load_config(**chosen)
 
 
 def deep_merge(a: dict, b: dict) -> dict:

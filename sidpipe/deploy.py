@@ -7,9 +7,11 @@
 - global concurrency limits `sidpipe-caption`, `sidpipe-interests` and `sidpipe-embed`, which
   the flows take (strict, one slot per shard) when SIDPIPE_ORCHESTRATION_CONCURRENCY_LIMITS=true,
   so concurrent nightly runs and backfills do not pile onto the model servers;
-- a `RemoteFileSystem` block `sidpipe-results` (s3://sidpipe/prefect-results) for task results;
-  workers select it with PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=remote-file-system/sidpipe-results.
-  Prefect refuses an unsaved block as result storage, hence a saved one.
+- a block `sidpipe-results` for task results: a `LocalFileSystem` for a local folder (the
+  default, ~/.sidpipe/prefect-results: a server and workers on one machine) or a
+  `RemoteFileSystem` for a URI such as s3://sidpipe/prefect-results (docker-compose: workers on
+  several machines). Workers select it with PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK=<type>/sidpipe-
+  results (`results_slug`). Prefect refuses an unsaved block as result storage, hence a saved one.
 
 It is idempotent: whatever exists and matches is left alone, whatever differs (a limit size, the
 results URI) is updated, so `docker compose up` can run it on every start. `deploy()` then runs
@@ -36,12 +38,51 @@ GPU_POOL_CONCURRENCY = 1
 CONCURRENCY_LIMITS = ("sidpipe-caption", "sidpipe-interests", "sidpipe-embed")
 DEFAULT_LIMIT = 4
 RESULTS_BLOCK = "sidpipe-results"
-RESULTS_BLOCK_TYPE = "remote-file-system"
+RESULTS_BLOCK_TYPE = "remote-file-system"  # for a URI with a scheme (compose: S3 on MinIO)
+LOCAL_RESULTS_BLOCK_TYPE = "local-file-system"  # for a local folder
 RESULTS_BLOCK_SLUG = f"{RESULTS_BLOCK_TYPE}/{RESULTS_BLOCK}"
-DEFAULT_RESULTS_URI = "s3://sidpipe/prefect-results"
+DEFAULT_RESULTS_URI = "~/.sidpipe/prefect-results"  # one machine: server and workers
+S3_RESULTS_URI = "s3://sidpipe/prefect-results"  # docker-compose's, on its MinIO
 PROJECT_DIR = Path(__file__).resolve().parent.parent  # the repo root, where prefect.yaml lives
 
 POOLS: dict[str, int | None] = {CPU_POOL: None, GPU_POOL: GPU_POOL_CONCURRENCY}
+
+
+def local_results_path(results_uri: str) -> str | None:
+    """The absolute folder for a local results URI (a path or file://...), else None."""
+    from urllib.parse import urlparse
+
+    scheme = urlparse(results_uri).scheme
+    if scheme == "file":
+        return str(Path(urlparse(results_uri).path).expanduser().resolve())
+    if scheme == "":
+        return str(Path(results_uri).expanduser().resolve())
+    return None
+
+
+def results_block_type(results_uri: str) -> str:
+    """The Prefect block type that stores results at `results_uri`; a URI no filesystem
+    handles is a ConfigError (one line)."""
+    if local_results_path(results_uri) is not None:
+        return LOCAL_RESULTS_BLOCK_TYPE
+    from urllib.parse import urlparse
+
+    import fsspec
+
+    scheme = urlparse(results_uri).scheme
+    if scheme not in fsspec.available_protocols() or not urlparse(results_uri).netloc:
+        raise ConfigError(
+            f"--results-uri {results_uri!r} is neither a local folder nor a URI of a storage "
+            "fsspec knows (e.g. s3://bucket/prefix)",
+            hint="a single-machine server can keep results in a local folder: --results-uri "
+            "~/.sidpipe/prefect-results",
+        )
+    return RESULTS_BLOCK_TYPE
+
+
+def results_slug(results_uri: str) -> str:
+    """What workers set PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK to for this results URI."""
+    return f"{results_block_type(results_uri)}/{RESULTS_BLOCK}"
 
 
 def results_settings(results_uri: str, endpoint_url: str | None) -> dict[str, Any]:
@@ -81,6 +122,7 @@ def bootstrap(
         raise ConfigError(f"concurrency limits must be at least 1: {bad}")
     if endpoint_url is None:
         endpoint_url = os.environ.get("AWS_ENDPOINT_URL") or None
+    results_block_type(results_uri)  # a bad URI fails here, before anything changes
 
     try:
         return _bootstrap(sizes, results_uri, endpoint_url)
@@ -97,7 +139,7 @@ def _bootstrap(sizes: dict[str, int], results_uri: str, endpoint_url: str | None
         WorkPoolUpdate,
     )
     from prefect.exceptions import ObjectNotFound
-    from prefect.filesystems import RemoteFileSystem
+    from prefect.filesystems import LocalFileSystem, RemoteFileSystem
     from prefect.workers.process import ProcessWorker
 
     summary: dict[str, list[str]] = {"created": [], "updated": [], "present": []}
@@ -146,19 +188,26 @@ def _bootstrap(sizes: dict[str, int], results_uri: str, endpoint_url: str | None
             else:
                 summary["present"].append(key)
 
-        key = f"block/{RESULTS_BLOCK_SLUG}"
-        wanted = {"basepath": results_uri, "settings": results_settings(results_uri, endpoint_url)}
+        block_type = results_block_type(results_uri)
+        key = f"block/{block_type}/{RESULTS_BLOCK}"
+        if (folder := local_results_path(results_uri)) is not None:
+            wanted: dict[str, Any] = {"basepath": folder}
+            block = LocalFileSystem
+        else:
+            settings = results_settings(results_uri, endpoint_url)
+            wanted, block = {"basepath": results_uri, "settings": settings}, RemoteFileSystem
         try:
-            document = client.read_block_document_by_name(RESULTS_BLOCK, RESULTS_BLOCK_TYPE)
-            data = document.data
-            current = {"basepath": data.get("basepath"), "settings": data.get("settings") or {}}
+            data = client.read_block_document_by_name(RESULTS_BLOCK, block_type).data
+            current = {
+                name: data.get(name) or ({} if name == "settings" else None) for name in wanted
+            }
         except ObjectNotFound:
             current = None
         if current == wanted:
             summary["present"].append(key)
         else:
             # save() registers the block type too, on a server that has not seen it yet.
-            RemoteFileSystem(**wanted).save(RESULTS_BLOCK, overwrite=True)
+            block(**wanted).save(RESULTS_BLOCK, overwrite=True)
             summary["created" if current is None else "updated"].append(key)
     return summary
 

@@ -32,11 +32,17 @@ ARTIFACT_SECONDS = 3.0  # at most one Prefect API call per tracker per this many
 
 def show_sidpipe_info() -> None:
     """Make sidpipe's INFO lines (stage counts, progress) visible unless the user chose a level.
-    Flows and the CLI call it; under Prefect its console handler prints them, else (a command
-    that runs no flow) a plain stderr handler in Prefect's format does."""
+    Flows and the CLI call it; under Prefect its handlers take them, else (a command that runs
+    no flow) a plain stderr handler in Prefect's format does."""
     logger = logging.getLogger("sidpipe")
     if logger.level == logging.NOTSET:
         logger.setLevel(logging.INFO)
+    # Under Prefect, send them where a run's own lines go (the console and the API, so the UI
+    # shows them), as PREFECT_LOGGING_EXTRA_LOGGERS=sidpipe would: a worker started without
+    # that variable still shows ingest counts, skipped stages and quality warnings.
+    for handler in logging.getLogger("prefect.extra").handlers:
+        if handler not in logger.handlers:
+            logger.addHandler(handler)
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(
@@ -157,9 +163,9 @@ def _artifact(description: str):
     if FlowRunContext.get() is None and TaskRunContext.get() is None:
         return None
     try:
-        from prefect.artifacts import create_progress_artifact
+        from sidpipe import artifacts
 
-        return create_progress_artifact(0.0, description=description)
+        return artifacts.progress(description)
     except Exception as exc:  # noqa: BLE001 - the UI's view must never fail the work
         log.debug("no progress artifact for %s: %s", description, exc)
         return None

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import pyarrow as pa
 from prefect import get_run_logger, task
-from prefect.artifacts import create_markdown_artifact
 
+from sidpipe import artifacts
 from sidpipe.config import PipelineConfig, TokenizerConfig
 from sidpipe.models.sid_table import assign_sids, drift_report, table_quality
 from sidpipe.models.sids import (
@@ -145,7 +145,7 @@ def assign_task(
 ) -> AssignOutcome:
     items = read_items(store, run)
     outcome = assign_stage(store, run, items, embed, fit, codes_files, config.tokenizer)
-    create_markdown_artifact(
+    artifacts.markdown(
         quality_markdown(outcome.quality), key="sid-quality", description="SID quality of this run"
     )
     get_run_logger().info(

@@ -11,13 +11,9 @@ from pathlib import Path
 
 import pyarrow as pa
 from prefect import get_run_logger, task
-from prefect.artifacts import (
-    create_link_artifact,
-    create_markdown_artifact,
-    create_table_artifact,
-)
 
 import sidpipe
+from sidpipe import artifacts
 from sidpipe.config import PipelineConfig
 from sidpipe.errors import CorruptArtifactError
 from sidpipe.storage.layout import (
@@ -262,18 +258,18 @@ def publish_task(
     manifest = already_published(store, run) or publish_stage(
         store, run, config, ingest, stages, fit, assign
     )
-    create_table_artifact(
+    artifacts.table(
         [{"stage": name, **s.model_dump()} for name, s in manifest.stages.items()],
         key="tokenization-stages",
         description=f"Stages of run {run.run_id}",
     )
-    create_link_artifact(
+    artifacts.link(
         store.uri(manifest.files["sids"].path),
-        link_text="SID table",
+        text="SID table",
         key="sid-table",
         description=f"{run.catalog} {run.run_date}",
     )
-    create_markdown_artifact(
+    artifacts.markdown(
         published_files_markdown(store, manifest),
         key="published-files",
         description=f"Published files of {run.catalog} {run.run_date}",

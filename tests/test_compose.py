@@ -138,7 +138,6 @@ def test_compose_services_are_pinned_and_health_checked():
     for name in ("minio", "postgres", "prefect-server"):
         assert "healthcheck" in services[name], name
     assert services["create-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
-    assert "prefect:3.8.8" in services["prefect-server"]["image"]
     assert services["prefect-server"]["environment"][
         "PREFECT_SERVER_DATABASE_CONNECTION_URL"
     ].startswith("postgresql+asyncpg://")
@@ -200,12 +199,12 @@ def test_pools_limits_and_results_block_are_named_consistently():
     bootstrap = services["bootstrap"]
     command = bootstrap["command"]
     assert command[:3] == ["sidpipe", "bootstrap", "--deploy"]
-    assert command[command.index("--results-uri") + 1] == deploy.DEFAULT_RESULTS_URI
+    assert command[command.index("--results-uri") + 1] == deploy.S3_RESULTS_URI
     limit = _interpolate(command[command.index("--limit") + 1], {})
     assert int(limit) == deploy.DEFAULT_LIMIT
     assert bootstrap["environment"]["SIDPIPE_APP_DIR"] == "/app"
 
-    bucket = deploy.DEFAULT_RESULTS_URI.removeprefix("s3://").split("/")[0]
+    bucket = deploy.S3_RESULTS_URI.removeprefix("s3://").split("/")[0]
     assert f"store/{bucket}" in services["create-bucket"]["command"][0]
     for worker, pool in WORKERS.items():
         service = services[worker]
@@ -287,3 +286,16 @@ def test_dockerfile_builds_the_project_image():
     pyproject = (ROOT / "pyproject.toml").read_text()
     assert re.search(r'^dask = \["prefect-dask', pyproject, re.M)
     assert ".venv" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_one_prefect_version_everywhere():
+    """Workers (this package's pin, the installed Prefect), deployments and the server agree."""
+    from importlib.metadata import requires, version
+
+    root = Path(__file__).resolve().parent.parent
+    (pin,) = [r for r in requires("sidpipe") if r.startswith("prefect==")]
+    tested = pin.removeprefix("prefect==")
+    assert version("prefect") == tested
+    assert yaml.safe_load((root / "prefect.yaml").read_text())["prefect-version"] == tested
+    image = _spec()["services"]["prefect-server"]["image"]
+    assert image == f"prefecthq/prefect:{tested}-python3.11"

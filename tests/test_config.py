@@ -198,3 +198,16 @@ def test_a_checkpoint_saved_before_config_sections_still_loads_its_config():
     tiger = TrainConfig.model_validate(upgrade(flat | {"model": "tiger", "tasks": ["all"]}))
     assert tiger.model.tasks == ["all"] and tiger.model.decoder_layers == 4
     assert upgrade(config.model_dump()) == config.model_dump()  # today's layout passes as is
+
+
+def test_a_deployments_form_defaults_yield_to_the_workers_environment(monkeypatch):
+    """The UI's Custom run sends every field of `config`, defaults included."""
+    from sidpipe.config import documented_defaults, resolve_config
+
+    monkeypatch.setenv("SIDPIPE_STORE", "/worker/store")
+    form = documented_defaults().model_dump(mode="json")
+    sent = PipelineConfig.model_validate(form)  # every field set, as Prefect validates it
+    assert resolve_config(sent, from_deployment=True).store == "/worker/store"
+    assert resolve_config(sent).store == "./artifacts"  # a caller's explicit value wins
+    changed = PipelineConfig.model_validate(form | {"store": "/chosen"})
+    assert resolve_config(changed, from_deployment=True).store == "/chosen"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -18,6 +19,7 @@ EXPECTED = {
     "concurrency-limit/sidpipe-embed",
     "block/remote-file-system/sidpipe-results",
 }
+S3 = deploy.S3_RESULTS_URI  # docker-compose's results store
 
 
 def _clean_slate(client) -> None:
@@ -49,11 +51,11 @@ def test_bootstrap_is_idempotent(prefect_api, monkeypatch):
     with get_client(sync_client=True) as client:
         _clean_slate(client)
 
-    first = deploy.bootstrap()
+    first = deploy.bootstrap(results_uri=S3)
     assert set(first["created"]) == EXPECTED
     assert first["updated"] == [] and first["present"] == []
 
-    second = deploy.bootstrap()
+    second = deploy.bootstrap(results_uri=S3)
     assert second["created"] == [] and second["updated"] == []
     assert set(second["present"]) == EXPECTED
 
@@ -79,7 +81,7 @@ def test_bootstrap_updates_what_differs(prefect_api, monkeypatch):
     from prefect.filesystems import RemoteFileSystem
 
     monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-    deploy.bootstrap()  # whatever state the session left: now as asked
+    deploy.bootstrap(results_uri=S3)  # whatever state the session left: now as asked
     with get_client(sync_client=True) as client:
         client.update_work_pool("gpu-pool", WorkPoolUpdate(concurrency_limit=3))
 
@@ -93,7 +95,7 @@ def test_bootstrap_updates_what_differs(prefect_api, monkeypatch):
     block = RemoteFileSystem.load("sidpipe-results")
     assert (block.basepath, block.settings) == ("s3://b/r", {})
 
-    deploy.bootstrap()  # leave the defaults for whoever comes next
+    deploy.bootstrap(results_uri=S3)  # leave the defaults for whoever comes next
     with pytest.raises(ConfigError, match="unknown"):
         deploy.bootstrap(limits={"sidpipe-typo": 1})
 
@@ -156,9 +158,31 @@ def test_bootstrap_cli_prints_the_summary(prefect_api):
 
     from sidpipe.cli import app
 
-    deploy.bootstrap()
-    result = CliRunner().invoke(app, ["bootstrap", "--no-deploy"], env={"COLUMNS": "200"})
+    deploy.bootstrap(results_uri=S3)
+    command = ["bootstrap", "--no-deploy", "--results-uri", S3]
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     assert "work-pool/gpu-pool" in result.output and "present" in result.output
     assert "created" not in result.output
     assert deploy.RESULTS_BLOCK_SLUG in result.output
+
+
+def test_bootstrap_keeps_results_in_a_local_folder_for_one_machine(prefect_api, tmp_path):
+    """The default results store needs no S3: a LocalFileSystem block on an absolute folder."""
+    from prefect.filesystems import LocalFileSystem
+    from typer.testing import CliRunner
+
+    from sidpipe.cli import app
+
+    for uri in (str(tmp_path / "results"), f"file://{tmp_path}/results"):
+        summary = deploy.bootstrap(results_uri=uri)
+        assert "block/local-file-system/sidpipe-results" in sum(summary.values(), [])
+        assert LocalFileSystem.load("sidpipe-results").basepath == str(tmp_path / "results")
+    assert deploy.results_slug("~/x") == "local-file-system/sidpipe-results"
+    assert deploy.local_results_path("~/x") == str(Path("~/x").expanduser())
+
+    command = ["bootstrap", "--no-deploy", "--results-uri", "s3:/typo"]
+    result = CliRunner().invoke(app, command, env={"COLUMNS": "200"})
+    assert result.exit_code == 2
+    assert result.output.count("\n") == 2 and "Traceback" not in result.output, result.output
+    assert "neither a local folder nor a URI" in result.output

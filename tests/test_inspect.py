@@ -410,3 +410,34 @@ def test_a_sid_table_that_does_not_match_its_manifest_is_refused(store):
 def test_options_that_do_not_fit_together_are_refused(tmp_path, args, message):
     result = inspect(ArtifactStore(str(tmp_path)), *args)
     assert result.exit_code == 2 and message in result.output
+
+
+@pytest.mark.parametrize("columns", [80, 200])
+def test_the_listing_reads_at_80_columns_and_cuts_no_id_or_error(store, monkeypatch, columns):
+    from sidpipe.cli import render
+
+    error = (
+        "embed: the model server at http://gme:8003/v1 answered 503 Service Unavailable for "
+        "every request of shard 3 after 4 tries; the run stops here"
+    )
+    write_run_record(
+        store,
+        RunRecord(
+            run_id="20261122T020000-failedrun",
+            catalog=CATALOG,
+            run_date=date(2026, 11, 22),
+            status="failed",
+            started_at=datetime.now(UTC),
+            error=error,
+        ),
+    )
+    monkeypatch.setattr(render.console, "_width", columns)
+    listing = ok(inspect(store))
+    lines = listing.splitlines()
+    assert max(len(line.rstrip()) for line in lines) <= columns, listing
+    text = " ".join(listing.split())  # as read, whatever the line breaks
+    for whole in ("20261122T020000-failedrun", str(DAY_A), "published", "failed"):
+        assert any(whole in line for line in lines), whole  # ids and dates never broken
+    for word in error.split():
+        assert word in text, word  # all of the error, no word cut
+    assert ("error:\u00a0embed:" in listing) == (columns == 80)  # two lines per run when narrow

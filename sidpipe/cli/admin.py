@@ -25,8 +25,12 @@ def bootstrap(
     ] = 4,
     results_uri: Annotated[
         str,
-        typer.Option(help="Where Prefect keeps task results (the sidpipe-results block)."),
-    ] = "s3://sidpipe/prefect-results",
+        typer.Option(
+            help="Where Prefect keeps task results (the sidpipe-results block): a local folder "
+            "when the server and its workers share one machine, else a URI such as "
+            "s3://sidpipe/prefect-results.",
+        ),
+    ] = "~/.sidpipe/prefect-results",
     deploy: Annotated[
         bool,
         typer.Option(
@@ -41,9 +45,9 @@ def bootstrap(
     from sidpipe.cli import prefect_defaults
 
     prefect_defaults()
-    from sidpipe.deploy import RESULTS_BLOCK_SLUG
     from sidpipe.deploy import bootstrap as run_bootstrap
     from sidpipe.deploy import deploy as run_deploy
+    from sidpipe.deploy import results_slug
 
     summary = run_bootstrap(limit=limit, results_uri=results_uri)
     out = table("Prefect bootstrap", ("object", "status"))
@@ -51,7 +55,7 @@ def bootstrap(
         for name in names:
             out.add_row(name, status)
     console.print(out)
-    console.print(f"workers use PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={RESULTS_BLOCK_SLUG}")
+    console.print(f"workers use PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK={results_slug(results_uri)}")
     if deploy:
         code = run_deploy()
         if code:

@@ -9,10 +9,13 @@ from __future__ import annotations
 import json
 import sys
 
+from rich import box
 from rich.console import Console
 from rich.markdown import Markdown
 from rich.markup import escape
+from rich.padding import Padding
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
 err = Console(stderr=True)
@@ -27,6 +30,44 @@ def table(title: str, columns: tuple[str, ...], right: tuple[str, ...] = ()) -> 
     for column in columns:
         out.add_column(column, overflow="fold", justify="right" if column in right else "left")
     return out
+
+
+def print_table(
+    title: str,
+    columns: tuple[str, ...],
+    rows: list[tuple[str, ...]],
+    right: tuple[str, ...] = (),
+    key: int = 1,
+) -> None:
+    """Rows as a table when it fits the terminal with every id, date and count whole (only
+    `error` and `path` cells wrap, at spaces); on a narrower terminal two lines per row: its
+    first `key` cells, then the others as `column: value`, wrapped at spaces. Nothing is cut."""
+    wrapping = {"error", "path"}
+    out = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, title_justify="left")
+    for column in columns:
+        out.add_column(
+            column,
+            no_wrap=column not in wrapping,
+            overflow="fold",
+            justify="right" if column in right else "left",
+        )
+    for row in rows:
+        out.add_row(*(escape(cell) for cell in row))
+
+    def width(column: str, cells: list[str]) -> int:
+        words = [w for c in cells for w in c.split()] if column in wrapping else cells
+        return max(len(w) for w in [column, *words])
+
+    needed = sum(width(c, [r[i] for r in rows]) for i, c in enumerate(columns))
+    if not rows or needed + 3 * len(columns) <= console.width:
+        console.print(out)
+        return
+    console.print(f"[italic]{escape(title)}[/]")
+    for row in rows:
+        console.print(Text("  ".join(row[:key]), style="bold"))
+        details = [f"{c}:\u00a0{v}" for c, v in zip(columns[key:], row[key:], strict=True) if v]
+        if details:  # wrapped at spaces, indented
+            console.print(Padding(Text(" · ".join(details)), (0, 0, 0, 2)))
 
 
 def print_json(value) -> None:
@@ -114,10 +155,15 @@ def print_manifest(m) -> None:
     )
     print_notes(m.model_dump())
     console.print(stage_table("stages", m.stages))
-    files = table("files", ("role", "path", "rows", "bytes"), right=("rows", "bytes"))
-    for role, f in m.files.items():
-        files.add_row(role, f.path, "" if f.rows is None else f"{f.rows:,}", f"{f.bytes:,}")
-    console.print(files)
+    print_table(
+        "files",
+        ("role", "path", "rows", "bytes"),
+        [
+            (role, f.path, "" if f.rows is None else f"{f.rows:,}", f"{f.bytes:,}")
+            for role, f in m.files.items()
+        ],
+        right=("rows", "bytes"),
+    )
 
 
 def print_sid_head(sids, rows: int) -> None:
@@ -141,42 +187,48 @@ def print_run_list(manifests, records, root_uri: str) -> None:
         console.print(f"no runs in {root_uri}")
         return
     counts = ("input", "assigned", "quarantined", "failed")
-    published = table(
+    print_table(
         f"published runs in {root_uri}",
         ("catalog", "run_date", "run_id", *counts, "tokenizer"),
+        [
+            (
+                m.catalog,
+                str(m.run_date),
+                m.run_id,
+                *(f"{m.counts.model_dump()[k]:,}" for k in counts),
+                m.tokenizer_id or "",
+            )
+            for m in manifests
+        ],
         right=counts,
+        key=3,
     )
-    for m in manifests:
-        c = m.counts.model_dump()
-        published.add_row(
-            m.catalog,
-            str(m.run_date),
-            m.run_id,
-            *(f"{c[k]:,}" for k in counts),
-            m.tokenizer_id or "",
-        )
-    console.print(published)
-    log = table(
-        "run log (every run, newest last)",
-        ("run_id", "catalog", "run_date", "status", "computed embed/fit", "cached embed/fit")
-        + ("seconds", "error"),
-    )
+    rows = []
     for r in records:
         embed, fit = r.stages.get("embed"), r.stages.get("fit")
         computed = f"{embed.computed:,}/{fit.computed:,}" if embed and fit else ""
         cached = f"{embed.cached:,}/{fit.cached:,}" if embed and fit else ""
         seconds = f"{(r.finished_at - r.started_at).total_seconds():.1f}" if r.finished_at else ""
-        log.add_row(
-            r.run_id,
-            r.catalog,
-            str(r.run_date),
-            r.status,
-            computed,
-            cached,
-            seconds,
-            (r.error or "")[:80],
+        rows.append(
+            (
+                r.run_id,
+                r.catalog,
+                str(r.run_date),
+                r.status,
+                computed,
+                cached,
+                seconds,
+                r.error or "",
+            )
         )
-    console.print(log)
+    print_table(
+        "run log (every run, newest last)",
+        ("run_id", "catalog", "run_date", "status", "computed embed/fit", "cached embed/fit")
+        + ("seconds", "error"),
+        rows,
+        right=("seconds",),
+        key=4,
+    )
 
 
 def print_diff(a, b, report, rows: int) -> None:
@@ -262,8 +314,9 @@ def print_click_metrics(title: str, summary: dict[str, dict]) -> None:
 
 def print_rows(title: str, rows: list[dict]) -> None:
     """A table of dict rows (the keys of the first row are the columns; the first is left)."""
-    columns = list(rows[0])
-    out = table(title, columns, right=columns[1:])
-    for row in rows:
-        out.add_row(*(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns))
-    console.print(out)
+    columns = tuple(rows[0])
+    cells = [
+        tuple(f"{row[c]:,}" if isinstance(row[c], int) else str(row[c]) for c in columns)
+        for row in rows
+    ]
+    print_table(title, columns, cells, right=columns[1:])
