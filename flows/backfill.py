@@ -40,7 +40,7 @@ def dates_between(start: date, end: date) -> list[date]:
     if end < start:
         raise ConfigError(
             f"backfill range is empty: end {end} is before start {start}",
-            hint="--from is the first date, --to the last",
+            hint="start (--from) is the first date, end (--to) the last",
         )
     return [start + timedelta(days=i) for i in range((end - start).days + 1)]
 
