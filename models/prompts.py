@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import unicodedata
 from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError
@@ -105,8 +106,10 @@ def interest_messages(
 
 
 def normalize_tag(tag: str) -> str:
-    """Lower case, single spaces, no punctuation at the ends, at most 60 characters."""
-    tag = " ".join(str(tag).lower().split())
+    """Lower case, single spaces (control characters count as spaces), no punctuation at the
+    ends, at most 60 characters."""
+    tag = "".join(" " if unicodedata.category(c) == "Cc" else c for c in str(tag))
+    tag = " ".join(tag.lower().split())
     tag = _PUNCT_EDGES.sub("", tag)
     if len(tag) > MAX_TAG_LENGTH:
         tag = tag[:MAX_TAG_LENGTH].rsplit(" ", 1)[0]
@@ -118,7 +121,9 @@ def parse_interests(content: str, finish_reason: str) -> tuple[list[str], str]:
     if finish_reason == "length":
         raise MalformedOutputError("output truncated (max_tokens reached)")
     try:
-        answer = _InterestAnswer.model_validate(json.loads(content))
+        # strict=False: a raw control character inside a JSON string (a constrained decoder's
+        # grammar allows it) is kept, not a parse error; normalize_tag then drops it.
+        answer = _InterestAnswer.model_validate(json.loads(content, strict=False))
     except (json.JSONDecodeError, ValidationError) as exc:
         raise MalformedOutputError(f"not the requested JSON: {str(exc).splitlines()[0]}") from None
     tags = list(dict.fromkeys(t for t in map(normalize_tag, answer.interests) if t))[:4]

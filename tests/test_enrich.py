@@ -338,3 +338,14 @@ def test_images_load_from_s3(s3):
     assert url.startswith("data:image/jpeg;base64,")
     with pytest.raises(ImageError, match="not found"):
         image_url_for(f"{s3}/imgs/missing.jpg", "data_url", 10**6, 10**6, False)
+
+
+def test_interests_with_raw_control_characters_in_json_strings_are_read():
+    """A constrained decoder's grammar lets raw control characters into JSON strings (seen with
+    vLLM 0.32 and xgrammar); Python's strict parser would reject the whole answer."""
+    from sidpipe.models.prompts import parse_interests
+
+    content = '{"reasoning": "line one\nline\ttwo\x01", "interests": ["home\x07 decor", "gifts"]}'
+    tags, reasoning = parse_interests(content, "stop")
+    assert tags == ["home decor", "gifts"]
+    assert reasoning.startswith("line one")

@@ -1,0 +1,108 @@
+"""The model-served stages against real vLLM servers (vLLM's CPU build, a tiny local model).
+
+`python -m pytest -m vllm` (not part of the default run: the first run builds a 3.4 GB venv).
+Random weights write nonsense, so these check the protocol and the accounting: the request
+shapes this vLLM accepts (chat template, structured output, the embeddings task and its
+`messages` body, the served model name), every item either enriched or failed with a reason,
+and the counts adding up.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import date
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from conftest import sample_rows
+from real_servers import REPO
+from real_vllm import tiny_model, vllm_server
+
+from sidpipe.config import EmbedConfig, InterestsConfig
+from sidpipe.errors import EndpointUnavailableError
+from sidpipe.storage.manifest import utcnow
+from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.embed import embed_stage, make_embedder
+from sidpipe.tasks.interests import interests_stage
+from sidpipe.tasks.stage import RunInfo, stage_matrix, stage_values
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+RUN = RunInfo(run_id="vllm", run_date=date(2026, 11, 1), catalog="c", started_at=utcnow())
+N = 40
+STRUCTURED = '{"backend":"xgrammar","disable_any_whitespace":true}'  # no whitespace padding
+
+
+def items(n: int = N) -> pa.Table:
+    """Sample items, text only (the tiny model has no vision tower)."""
+    return pa.Table.from_pylist(
+        [
+            {
+                "item_id": r["item_id"],
+                "title": r["title"],
+                "description": None,
+                "image": None,
+                "image_fingerprint": None,
+                "articleType": r["articleType"],
+            }
+            for r in sample_rows(n)
+        ]
+    )
+
+
+@pytest.fixture(scope="module")
+def chat(tmp_path_factory):
+    log = tmp_path_factory.mktemp("vllm") / "chat.log"
+    args = ("--structured-outputs-config", STRUCTURED)
+    with vllm_server(tiny_model(), "tiny-qwen2", *args, cpu="0", log=log) as url:
+        yield url
+
+
+@pytest.mark.parametrize("constraint", ["response_format", "structured_outputs"])
+def test_interests_against_a_real_vllm_server(chat, tmp_path, constraint):
+    store = ArtifactStore(str(tmp_path))
+    config = InterestsConfig(
+        url=chat, model="tiny-qwen2", structured_output=constraint, max_tokens=200
+    )  # the server runs --max-model-len 512
+    started = time.monotonic()
+    outcome = interests_stage(store, RUN, items(), ["articleType"], config)
+    seconds = time.monotonic() - started
+    print(f"interests ({constraint}): {outcome.stats} in {seconds:.1f} s")
+    stats = outcome.stats
+    assert stats.computed + stats.failed == N, stats  # every item accounted for
+    tags = stage_values(store, RUN, outcome, "interests") if stats.computed else {}
+    failed = store.read_parquet("runs", RUN.run_id, outcome.errors) if stats.failed else None
+    if failed is not None:
+        reasons = failed.column("error").to_pylist()
+        assert len(reasons) == stats.failed and all(reasons), reasons
+        # the server answered JSON of the requested shape: no protocol error among them
+        assert not any("HTTP" in r or "not the requested JSON" in r for r in reasons), reasons
+    assert len(tags) == stats.computed
+    print("tags of 3 items:", list(tags.items())[:3])
+
+
+def test_a_served_model_name_mismatch_is_one_clear_error(chat, tmp_path):
+    store = ArtifactStore(str(tmp_path))
+    config = InterestsConfig(url=chat, model="Qwen/Qwen2.5-7B-Instruct")
+    with pytest.raises(EndpointUnavailableError) as error:
+        interests_stage(store, RUN, items(4), ["articleType"], config)
+    assert "tiny-qwen2" in str(error.value) and "Qwen/Qwen2.5-7B-Instruct" in str(error.value)
+
+
+def test_gme_style_embeddings_against_a_real_pooling_server(tmp_path_factory, tmp_path):
+    log = tmp_path_factory.mktemp("vllm") / "embed.log"
+    template = str(REPO / "serving" / "gme_chat_template.jinja")
+    args = ("--runner", "pooling", "--convert", "embed", "--chat-template", template)
+    with vllm_server(tiny_model(), "tiny-gme", *args, cpu="1", log=log) as url:
+        config = EmbedConfig(url=url, model="tiny-gme")
+        store = ArtifactStore(str(tmp_path))
+        started = time.monotonic()
+        outcome = embed_stage(store, RUN, items(), ["articleType"], make_embedder(config), config)
+        seconds = time.monotonic() - started
+    print(f"embed: {outcome.stats} in {seconds:.1f} s ({N / seconds:.1f} items/s)")
+    assert outcome.stats.computed == N and outcome.stats.failed == 0, outcome.stats
+    assert outcome.model["dim"] == 128  # the tiny model's hidden size
+    _, _, x = stage_matrix(store, RUN, outcome, "embedding")
+    assert x.shape == (N, 128) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
+    assert len({json.dumps(np.round(v, 4).tolist()) for v in x}) > N // 2  # not one vector
