@@ -142,12 +142,13 @@ class GMEServerEmbedder:
 
     def input_key(self, item: EmbedInput) -> dict:
         # The pixel budget changes what GME sees, so it is part of the key.
-        return {
+        key = {
             "text": item.text,
             "image": item.image_fingerprint,
             "instruction": self.instruction,
             "max_pixels": self.max_pixels,
         }
+        return key | ({"extra_body": self.config.extra_body} if self.config.extra_body else {})
 
     def messages(self, text: str, image_url: str | None) -> list[dict]:
         content: list[dict] = []

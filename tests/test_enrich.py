@@ -349,3 +349,12 @@ def test_interests_with_raw_control_characters_in_json_strings_are_read():
     tags, reasoning = parse_interests(content, "stop")
     assert tags == ["home decor", "gifts"]
     assert reasoning.startswith("line one")
+
+
+def test_extra_body_is_in_the_cache_key_only_when_set():
+    """Old caches stay valid; a changed extra parameter (e.g. min_tokens) recomputes."""
+    from sidpipe.config import CaptionConfig
+    from sidpipe.tasks.model_served import model_key
+
+    assert "extra_body" not in model_key(CaptionConfig())
+    assert model_key(CaptionConfig(extra_body={"min_tokens": 8}))["extra_body"] == {"min_tokens": 8}

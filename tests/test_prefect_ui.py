@@ -3,7 +3,7 @@
 The operator's path: Deployments -> backfill -> Run -> Custom run, the typed form (two date
 pickers, the nightly deployment, the overrides), Submit, the finished run; then a range whose
 end is before its start, which fails with a readable state message. Screenshots of each step go
-to docs/ (`scripts/prefect_ui.sh` runs this; `-m ui`, not part of the default test run).
+to docs/ (`scripts/slow_checks.sh` runs this; `-m ui`, not part of the default test run).
 """
 
 from __future__ import annotations

@@ -16,14 +16,15 @@ from datetime import date
 import numpy as np
 import pyarrow as pa
 import pytest
-from conftest import sample_rows
+from conftest import SAMPLE_DIR, sample_rows
 from real_servers import REPO
 from real_vllm import tiny_model, vllm_server
 
-from sidpipe.config import EmbedConfig, InterestsConfig
+from sidpipe.config import CaptionConfig, EmbedConfig, InterestsConfig
 from sidpipe.errors import EndpointUnavailableError
 from sidpipe.storage.manifest import utcnow
 from sidpipe.storage.store import ArtifactStore
+from sidpipe.tasks.caption import caption_stage
 from sidpipe.tasks.embed import embed_stage, make_embedder
 from sidpipe.tasks.interests import interests_stage
 from sidpipe.tasks.stage import RunInfo, stage_matrix, stage_values
@@ -106,3 +107,48 @@ def test_gme_style_embeddings_against_a_real_pooling_server(tmp_path_factory, tm
     _, _, x = stage_matrix(store, RUN, outcome, "embedding")
     assert x.shape == (N, 128) and np.allclose(np.linalg.norm(x, axis=1), 1, atol=1e-4)
     assert len({json.dumps(np.round(v, 4).tolist()) for v in x}) > N // 2  # not one vector
+
+
+@pytest.mark.vision
+def test_captions_of_item_images_against_a_real_vision_server(tmp_path_factory, tmp_path):
+    """A Qwen2-VL-style model with a vision tower; images go as base64 data URLs. Greedy
+    decoding of random weights writes only newlines (an empty caption, a per-item error), so
+    the test samples (temperature 1, vLLM's `min_tokens` through `extra_body`)."""
+    log = tmp_path_factory.mktemp("vllm") / "vision.log"
+    # A per-request `seed` kills vLLM 0.32's CPU engine when requests share a batch ("CPU
+    # Generator does not use offset"): the server's own seed instead.
+    args = ("--limit-mm-per-prompt", '{"image":1,"video":0}', "--seed", "0")
+    rows = sample_rows(N)
+    with_images = pa.Table.from_pylist(
+        [
+            {
+                "item_id": r["item_id"],
+                "title": r["title"],
+                "description": None,
+                "image": str(SAMPLE_DIR / r["image"]),
+                "image_fingerprint": r["item_id"],
+                "articleType": r["articleType"],
+            }
+            for r in rows
+        ]
+    )
+    model = tiny_model(vision=True)
+    with vllm_server(model, "tiny-vl", *args, cpu="1", log=log, vision=True) as url:
+        config = CaptionConfig(
+            url=url,
+            model="tiny-vl",
+            max_tokens=48,
+            temperature=1.0,
+            extra_body={"min_tokens": 8},
+        )
+        store = ArtifactStore(str(tmp_path))
+        started = time.monotonic()
+        outcome = caption_stage(store, RUN, with_images, config)
+        seconds = time.monotonic() - started
+    print(f"caption: {outcome.stats} in {seconds:.1f} s ({N / seconds:.1f} items/s)")
+    assert outcome.stats.computed + outcome.stats.failed == N, outcome.stats
+    errors = store.read_parquet("runs", RUN.run_id, outcome.errors) if outcome.errors else None
+    reasons = errors.column("error").to_pylist() if errors is not None else []
+    assert outcome.stats.computed >= N // 2, (outcome.stats, reasons[:3])
+    captions = stage_values(store, RUN, outcome, "caption")
+    assert len(captions) == outcome.stats.computed and all(captions.values())
