@@ -40,9 +40,15 @@ def show_sidpipe_info() -> None:
     # Under Prefect, send them where a run's own lines go (the console and the API, so the UI
     # shows them), as PREFECT_LOGGING_EXTRA_LOGGERS=sidpipe would: a worker started without
     # that variable still shows ingest counts, skipped stages and quality warnings.
-    for handler in logging.getLogger("prefect.extra").handlers:
-        if handler not in logger.handlers:
-            logger.addHandler(handler)
+    # Only Prefect's API handler is taken: others found there (a test runner's capture handlers)
+    # would see each line twice, since the console's lines already come through propagation.
+    if "prefect.logging.handlers" in sys.modules:  # else Prefect has set up no handlers
+        from prefect.logging.handlers import APILogHandler
+
+        if not any(isinstance(h, APILogHandler) for h in logger.handlers):
+            for handler in logging.getLogger("prefect.extra").handlers:
+                if isinstance(handler, APILogHandler):
+                    logger.addHandler(handler)
     if not logger.handlers and not logging.getLogger().handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(

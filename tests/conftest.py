@@ -175,6 +175,35 @@ def write_catalog(
     return path
 
 
+def sample_items(n: int, images: bool = True):
+    """The first `n` sample products as a stage's input table (text only: `images=False`)."""
+    import pyarrow as pa
+
+    return pa.Table.from_pylist(
+        [
+            {
+                "item_id": r["item_id"],
+                "title": r["title"],
+                "description": None,
+                "image": str(SAMPLE_DIR / r["image"]) if images else None,
+                "image_fingerprint": r["item_id"] if images else None,
+                "articleType": r["articleType"],
+            }
+            for r in sample_rows(n)
+        ]
+    )
+
+
+# A tokenizer that fits in seconds, for tests where a worker runs the flow: SIDPIPE_* variables.
+SMALL_TOKENIZER = {
+    "SIDPIPE_TOKENIZER_CODEBOOK_SIZES": "[8,8,8]",
+    "SIDPIPE_TOKENIZER_MIN_POINTS_PER_CODE": "4",
+    "SIDPIPE_TOKENIZER_EPOCHS": "5",
+    "SIDPIPE_TOKENIZER_HIDDEN_DIMS": "[64]",
+    "SIDPIPE_TOKENIZER_LATENT_DIM": "16",
+}
+
+
 @pytest.fixture
 def small_catalog(tmp_path) -> Path:
     """120 real products from the bundled sample."""

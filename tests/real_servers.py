@@ -24,6 +24,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from conftest import SMALL_TOKENIZER
 
 PG_USER = "postgres"  # the unprivileged user PostgreSQL's commands run as under root
 
@@ -140,13 +141,6 @@ def prefect_server(database_url: str, home: Path) -> Iterator[str]:
 # -- sidpipe on the server, as an operator sets it up ---------------------------------------------
 REPO = Path(__file__).resolve().parent.parent
 FINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-SMALL_TOKENIZER = {  # seconds per run instead of a minute: the protocol is under test here
-    "SIDPIPE_TOKENIZER_CODEBOOK_SIZES": "[8,8,8]",
-    "SIDPIPE_TOKENIZER_MIN_POINTS_PER_CODE": "4",
-    "SIDPIPE_TOKENIZER_EPOCHS": "5",
-    "SIDPIPE_TOKENIZER_HIDDEN_DIMS": "[64]",
-    "SIDPIPE_TOKENIZER_LATENT_DIM": "16",
-}
 
 
 class Api:

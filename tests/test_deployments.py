@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import subprocess_env
+from conftest import SMALL_TOKENIZER, subprocess_env
 from typer.testing import CliRunner
 
 from sidpipe.cli import app
@@ -24,13 +24,6 @@ from sidpipe.storage.store import ArtifactStore
 
 pytestmark = pytest.mark.usefixtures("prefect_api")
 REPO = Path(__file__).resolve().parent.parent
-SMALL_TOKENIZER = {
-    "SIDPIPE_TOKENIZER_CODEBOOK_SIZES": "[8,8,8]",
-    "SIDPIPE_TOKENIZER_MIN_POINTS_PER_CODE": "4",
-    "SIDPIPE_TOKENIZER_EPOCHS": "5",
-    "SIDPIPE_TOKENIZER_HIDDEN_DIMS": "[64]",
-    "SIDPIPE_TOKENIZER_LATENT_DIM": "16",
-}
 
 
 def published_records(store: ArtifactStore) -> int:

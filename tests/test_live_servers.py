@@ -10,9 +10,8 @@ import os
 from datetime import date
 
 import numpy as np
-import pyarrow as pa
 import pytest
-from conftest import SAMPLE_DIR, sample_rows
+from conftest import sample_items
 
 from sidpipe.config import CaptionConfig, EmbedConfig, InterestsConfig
 from sidpipe.storage.manifest import utcnow
@@ -30,20 +29,8 @@ def live(name: str) -> str:
     return url
 
 
-def sample(n=8) -> pa.Table:
-    return pa.Table.from_pylist(
-        [
-            {
-                "item_id": r["item_id"],
-                "title": r["title"],
-                "description": None,
-                "image": str(SAMPLE_DIR / r["image"]),
-                "image_fingerprint": r["item_id"],
-                "articleType": r["articleType"],
-            }
-            for r in sample_rows(n)
-        ]
-    )
+def sample(n=8):
+    return sample_items(n)
 
 
 RUN = RunInfo(run_id="live", run_date=date(2026, 11, 1), catalog="c", started_at=utcnow())

@@ -81,7 +81,11 @@ def test_in_a_terminal_a_bar_is_drawn_and_replaced_by_one_line(monkeypatch, capl
 def test_inside_a_prefect_run_an_artifact_follows_the_work(prefect_api, monkeypatch):
     from prefect import flow
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterType
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterFlowRunId,
+        ArtifactFilterType,
+    )
 
     monkeypatch.setenv("SIDPIPE_PROGRESS", "log")
 
@@ -90,10 +94,13 @@ def test_inside_a_prefect_run_an_artifact_follows_the_work(prefect_api, monkeypa
         with Progress("assign: encode", total=3) as bar:
             bar.advance(3)
 
-    work()
-    with get_client(sync_client=True) as client:
+    run_id = work(return_state=True).state_details.flow_run_id
+    with get_client(sync_client=True) as client:  # this run's only: the session has many more
         artifacts = client.read_artifacts(
-            artifact_filter=ArtifactFilter(type=ArtifactFilterType(any_=["progress"]))
+            artifact_filter=ArtifactFilter(
+                type=ArtifactFilterType(any_=["progress"]),
+                flow_run_id=ArtifactFilterFlowRunId(any_=[run_id]),
+            )
         )
     mine = [a for a in artifacts if (a.description or "").startswith("assign: encode")]
     assert mine and mine[-1].data == 100.0
@@ -101,3 +108,26 @@ def test_inside_a_prefect_run_an_artifact_follows_the_work(prefect_api, monkeypa
 
 def test_durations_read_at_a_glance():
     assert [duration(s) for s in (4.4, 65, 3725)] == ["4s", "1m05s", "1h02m"]
+
+
+def test_sidpipe_lines_reach_the_api_handler_once_and_nothing_else_is_borrowed():
+    """Prefect's API handler is shared with the `sidpipe` logger once; other handlers found on
+    `prefect.extra` (a test runner's capture) are not, or each line would be seen twice."""
+    from prefect.logging.configuration import setup_logging
+    from prefect.logging.handlers import APILogHandler
+
+    from sidpipe.progress import show_sidpipe_info
+
+    setup_logging()
+    extra, sidpipe_logger = logging.getLogger("prefect.extra"), logging.getLogger("sidpipe")
+    foreign = logging.NullHandler()
+    before = list(sidpipe_logger.handlers)
+    extra.addHandler(foreign)
+    try:
+        show_sidpipe_info()
+        show_sidpipe_info()
+        assert foreign not in sidpipe_logger.handlers
+        assert sum(isinstance(h, APILogHandler) for h in sidpipe_logger.handlers) == 1
+    finally:
+        extra.removeHandler(foreign)
+        sidpipe_logger.handlers = before

@@ -14,9 +14,8 @@ import time
 from datetime import date
 
 import numpy as np
-import pyarrow as pa
 import pytest
-from conftest import SAMPLE_DIR, sample_rows
+from conftest import sample_items
 from real_servers import REPO
 from real_vllm import tiny_model, vllm_server
 
@@ -35,21 +34,9 @@ N = 40
 STRUCTURED = '{"backend":"xgrammar","disable_any_whitespace":true}'  # no whitespace padding
 
 
-def items(n: int = N) -> pa.Table:
-    """Sample items, text only (the tiny model has no vision tower)."""
-    return pa.Table.from_pylist(
-        [
-            {
-                "item_id": r["item_id"],
-                "title": r["title"],
-                "description": None,
-                "image": None,
-                "image_fingerprint": None,
-                "articleType": r["articleType"],
-            }
-            for r in sample_rows(n)
-        ]
-    )
+def items(n: int = N):
+    """Sample items, text only (the tiny text model has no vision tower)."""
+    return sample_items(n, images=False)
 
 
 @pytest.fixture(scope="module")
@@ -118,20 +105,7 @@ def test_captions_of_item_images_against_a_real_vision_server(tmp_path_factory, 
     # A per-request `seed` kills vLLM 0.32's CPU engine when requests share a batch ("CPU
     # Generator does not use offset"): the server's own seed instead.
     args = ("--limit-mm-per-prompt", '{"image":1,"video":0}', "--seed", "0")
-    rows = sample_rows(N)
-    with_images = pa.Table.from_pylist(
-        [
-            {
-                "item_id": r["item_id"],
-                "title": r["title"],
-                "description": None,
-                "image": str(SAMPLE_DIR / r["image"]),
-                "image_fingerprint": r["item_id"],
-                "articleType": r["articleType"],
-            }
-            for r in rows
-        ]
-    )
+    with_images = sample_items(N)
     model = tiny_model(vision=True)
     with vllm_server(model, "tiny-vl", *args, cpu="1", log=log, vision=True) as url:
         config = CaptionConfig(
