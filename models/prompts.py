@@ -37,11 +37,15 @@ INTEREST_PROMPTS: dict[str, dict[str, str]] = {
     },
 }
 
+REASONING_MAX_CHARS = 1000
+
 INTERESTS_SCHEMA: dict[str, Any] = {
     "type": "object",
-    # "reasoning" comes first so the chain of thought is generated before the tags.
+    # "reasoning" comes first so the chain of thought is generated before the tags. It is
+    # bounded (about 170 words) so that a constrained decoder always closes the JSON within the
+    # stage's max_tokens: a model that rambles gets its tags rather than a truncated answer.
     "properties": {
-        "reasoning": {"type": "string"},
+        "reasoning": {"type": "string", "maxLength": REASONING_MAX_CHARS},
         "interests": {
             "type": "array",
             "items": {"type": "string", "minLength": 2, "maxLength": 80},

@@ -80,7 +80,7 @@ def build(out: Path, texts: list[str], seed: int = 0) -> None:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        max_position_embeddings=512,
+        max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=tokenizer.convert_tokens_to_ids("<|endoftext|>"),
         eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
@@ -121,7 +121,7 @@ def build_vision(out: Path, texts: list[str], seed: int = 0) -> None:
             "num_hidden_layers": 2,
             "num_attention_heads": 4,
             "num_key_value_heads": 2,
-            "max_position_embeddings": 512,
+            "max_position_embeddings": 1024,
             "rope_parameters": {
                 "rope_type": "default",
                 "rope_theta": 1000000.0,

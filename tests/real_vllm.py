@@ -78,6 +78,9 @@ def tiny_model(vision: bool = False) -> Path:
     return out
 
 
+PROCESSES: dict[str, subprocess.Popen] = {}  # base URL -> its server, for tests that kill it
+
+
 @contextmanager
 def vllm_server(
     model: Path, served_name: str, *args: str, cpu: str = "0", log: Path, vision: bool = False
@@ -95,6 +98,7 @@ def vllm_server(
         "VLLM_CACHE_ROOT": str(home / "cache"),
         "TMPDIR": str(home),
         "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",  # its log is read while it runs (and lost in a buffer on a kill)
     }
     command = [
         str(python),
@@ -118,6 +122,7 @@ def vllm_server(
         *args,
     ]
     with process(command, env, log) as proc:
+        PROCESSES[f"http://127.0.0.1:{port}/v1"] = proc
         started = time.monotonic()
         wait_healthy(f"http://127.0.0.1:{port}/health", proc, log, timeout=300)
         rss = rss_mb(proc.pid)
