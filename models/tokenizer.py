@@ -41,13 +41,20 @@ class Tokenizer(Protocol):
     def state(self) -> tuple[dict[str, np.ndarray], dict]: ...
 
 
-def reconstruction_cosine(tokenizer: Tokenizer, x: np.ndarray, codes: np.ndarray) -> float:
+def reconstruction_cosine(
+    tokenizer: Tokenizer, x: np.ndarray, codes: np.ndarray, batch_size: int = 65536
+) -> float:
     """Mean cosine between items and their reconstruction from the codes they were given
-    (which, after collision reassignment, are not always the nearest ones)."""
-    x_hat = tokenizer.decode(codes)
-    num = (x_hat * x).sum(axis=1)
-    den = np.linalg.norm(x_hat, axis=1) * np.linalg.norm(x, axis=1)
-    return float(np.mean(num / np.maximum(den, 1e-12)))
+    (which, after collision reassignment, are not always the nearest ones). x is read a batch
+    at a time (it may be a `SpilledRows`)."""
+    total = 0.0
+    for start in range(0, len(codes), batch_size):
+        xb = np.asarray(x[start : start + batch_size], np.float32)
+        x_hat = tokenizer.decode(codes[start : start + batch_size])
+        num = (x_hat * xb).sum(axis=1)
+        den = np.linalg.norm(x_hat, axis=1) * np.linalg.norm(xb, axis=1)
+        total += float((num / np.maximum(den, 1e-12)).sum(dtype=np.float64))
+    return total / len(codes) if len(codes) else float("nan")
 
 
 def stack_embeddings(vectors: list[Any], ids: list[str]) -> np.ndarray:
@@ -65,8 +72,20 @@ def stack_embeddings(vectors: list[Any], ids: list[str]) -> np.ndarray:
 
 def screen_embeddings(ids: list[str], x: np.ndarray) -> tuple[list[int], list[tuple[str, str]]]:
     """Row indices fit to tokenize, and (item_id, reason) for the rest."""
+    return screen_norms(ids, *embedding_norms(x))
+
+
+def embedding_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(finite [N] bool, L2 norms [N], 0 where not finite): what screening needs of each row,
+    so that rows read a chunk at a time can be screened together."""
     finite = np.isfinite(x).all(axis=1)
-    norms = np.where(finite, np.linalg.norm(np.where(finite[:, None], x, 0), axis=1), 0.0)
+    return finite, np.where(finite, np.linalg.norm(np.where(finite[:, None], x, 0), axis=1), 0.0)
+
+
+def screen_norms(
+    ids: list[str], finite: np.ndarray, norms: np.ndarray
+) -> tuple[list[int], list[tuple[str, str]]]:
+    """`screen_embeddings` from `embedding_norms` of every row (the median is over all rows)."""
     median = float(np.median(norms[finite & (norms > 0)])) if (finite & (norms > 0)).any() else 0.0
     keep, rejects = [], []
     for i, item_id in enumerate(ids):
@@ -124,7 +143,7 @@ def fit_sample(x: np.ndarray, size: int | None, seed: int) -> np.ndarray:
     """The rows a tokenizer is fitted on: a seeded sample of `size` rows, in their order (all of
     x when size is None or not smaller)."""
     if size is None or size >= len(x):
-        return x
+        return np.asarray(x[0 : len(x)], np.float32)  # x itself for an array; read for SpilledRows
     rows = np.sort(np.random.default_rng(seed).choice(len(x), size, replace=False))
     return np.asarray(x[rows], np.float32)
 

@@ -14,7 +14,7 @@ decides what a key means; stages do.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import pyarrow as pa
@@ -52,22 +52,7 @@ class StageCache:
 
     def lookup(self, input_hashes: Iterable[str]) -> pa.Table | None:
         """Cached rows whose input hash is among `input_hashes` (one row per hash), or None."""
-        wanted = pa.array(sorted(set(input_hashes)), pa.string())
-        if len(wanted) == 0:
-            return None
-        found: list[pa.Table] = []
-        for part in self._parts():
-            rel = self.store.relative(part)
-            try:
-                hashes = self.store.read_parquet(rel, columns=[INPUT_HASH])[INPUT_HASH]
-                mask = pc.is_in(hashes, value_set=wanted)
-                if pc.any(mask).as_py():
-                    found.append(self.store.read_parquet(rel).filter(mask))
-            except CorruptArtifactError as exc:
-                # A cache is only a cache: its rows are computed again (and stored again).
-                log.warning("cache: %s; dropped, its items are computed again", exc)
-                self.store.delete(rel)
-        table = concat_tables(found)
+        table = concat_tables(list(self.scan(input_hashes)))
         if table is None:
             return None
         # Two runs may have cached the same item at once: keep one row per hash.
@@ -77,6 +62,31 @@ class StageCache:
             keep.append(value not in seen)
             seen.add(value)
         return table.filter(pa.array(keep))
+
+    def scan(
+        self, input_hashes: Iterable[str], columns: list[str] | None = None
+    ) -> Iterator[pa.Table]:
+        """The cached rows whose input hash is among `input_hashes`, one part at a time (so a
+        caller can handle a cache larger than memory); a hash cached twice comes twice."""
+        wanted = pa.array(sorted(set(input_hashes)), pa.string())
+        if len(wanted) == 0:
+            return
+        for part in self._parts():
+            rel = self.store.relative(part)
+            try:
+                hashes = self.store.read_parquet(rel, columns=[INPUT_HASH])[INPUT_HASH]
+                mask = pc.is_in(hashes, value_set=wanted)
+                if pc.any(mask).as_py():
+                    wanted_columns = None if columns is None else [INPUT_HASH, *columns]
+                    table = self.store.read_parquet(rel, columns=wanted_columns).filter(mask)
+                else:
+                    continue
+            except CorruptArtifactError as exc:
+                # A cache is only a cache: its rows are computed again (and stored again).
+                log.warning("cache: %s; dropped, its items are computed again", exc)
+                self.store.delete(rel)
+                continue
+            yield table
 
     def pending(
         self, input_hashes: list[str], payloads: list[Any]

@@ -38,7 +38,8 @@ from sidpipe.tasks.stage import (
     StageOutcome,
     failed_items,
     read_items,
-    stage_matrix,
+    stage_ids,
+    stage_rows,
 )
 
 
@@ -53,11 +54,10 @@ def assign_stage(
 ) -> AssignOutcome:
     started = time.perf_counter()
     config = config or TokenizerConfig()
-    item_ids, _, x = stage_matrix(store, run, embed, "embedding")
+    item_ids, _ = stage_ids(store, run, embed)
     rejected = failed_items(store, run, [fit])
-    if rejected:
-        keep = [i for i, item_id in enumerate(item_ids) if item_id not in rejected]
-        item_ids, x = [item_ids[i] for i in keep], x[keep]
+    keep = [i for i, item_id in enumerate(item_ids) if item_id not in rejected]
+    item_ids = [item_ids[i] for i in keep]
     tokenizer, _ = load_tokenizer(store, fit.tokenizer_id)
     staged_ids, staged_codes = read_codes(store, run, codes_files)
     position = {item_id: i for i, item_id in enumerate(staged_ids)}
@@ -67,25 +67,29 @@ def assign_stage(
     if previous_run is not None and "sids" in previous_run.files:
         previous = read_published_table(store, previous_run, "sids")
     hashes = dict(zip(items["item_id"].to_pylist(), items["item_hash"].to_pylist(), strict=True))
-    ranking = None
-    if config.collisions == "reassign":
+    # The embeddings (for the collision rankings and the reconstruction report) are spilled to
+    # a local file and read a block at a time: never the whole N x D matrix at once.
+    with stage_rows(store, run, embed, "embedding") as spill:
+        x = spill.subset(keep)
+        ranking = None
+        if config.collisions == "reassign":
 
-        def ranking(rows: list[int]) -> np.ndarray:
-            return tokenizer.last_level_ranking(x[rows])
+            def ranking(rows: list[int]) -> np.ndarray:
+                return tokenizer.last_level_ranking(x[rows])
 
-    table, stats = assign_sids(
-        item_ids,
-        codes,
-        fit.tokenizer_id,
-        run.run_date,
-        [hashes[i] for i in item_ids],
-        previous,
-        ranking,
-    )
+        table, stats = assign_sids(
+            item_ids,
+            codes,
+            fit.tokenizer_id,
+            run.run_date,
+            [hashes[i] for i in item_ids],
+            previous,
+            ranking,
+        )
 
-    final_codes, quality = table_quality(
-        table, stats, tokenizer, x, fit.codebook_sizes, config.collisions
-    )
+        final_codes, quality = table_quality(
+            table, stats, tokenizer, x, fit.codebook_sizes, config.collisions
+        )
     quality |= {
         "tokenizer_id": fit.tokenizer_id,
         "method": fit.method,

@@ -16,15 +16,17 @@ from __future__ import annotations
 import logging
 import time
 
+import numpy as np
 from prefect import task
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
 from sidpipe.errors import TokenizerMismatchError
-from sidpipe.models.tokenizer import screen_embeddings
+from sidpipe.models.tokenizer import embedding_norms, screen_norms
 from sidpipe.storage.hashing import hash_strings
 from sidpipe.storage.layout import TOKENIZER_CONFIG, tokenizer_dir
 from sidpipe.storage.manifest import StageStats
 from sidpipe.storage.registry import TokenizerVersion, read_registry
+from sidpipe.storage.spill import SpilledRows
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.fitting import fit_and_store
 from sidpipe.tasks.stage import (
@@ -32,7 +34,8 @@ from sidpipe.tasks.stage import (
     FitOutcome,
     RunInfo,
     StageOutcome,
-    stage_matrix,
+    stage_ids,
+    stage_rows,
     write_errors,
 )
 
@@ -77,8 +80,26 @@ def fit_stage(
     store: ArtifactStore, run: RunInfo, embed: StageOutcome, config: TokenizerConfig
 ) -> FitOutcome:
     started = time.perf_counter()
-    item_ids, hashes, x = stage_matrix(store, run, embed, "embedding")
-    keep, rejects = screen_embeddings(item_ids, x)
+    # The embeddings are spilled to a local file and read a block at a time: screening needs
+    # every row's norm, the fit only its sample, the quality report one slice at a time.
+    item_ids, hashes = stage_ids(store, run, embed)
+    with stage_rows(store, run, embed, "embedding") as x:
+        return _screen_and_fit(store, run, embed, config, started, item_ids, hashes, x)
+
+
+def _screen_and_fit(
+    store: ArtifactStore,
+    run: RunInfo,
+    embed: StageOutcome,
+    config: TokenizerConfig,
+    started: float,
+    item_ids: list[str],
+    hashes: list[str],
+    x: SpilledRows,
+) -> FitOutcome:
+    parts = [embedding_norms(block) for block in x.chunks()] or [(np.zeros(0, bool), np.zeros(0))]
+    finite, norms = (np.concatenate(part) for part in zip(*parts, strict=True))
+    keep, rejects = screen_norms(item_ids, finite, norms)
     errors = write_errors(store, run, "fit", [(i, f"fit: {why}") for i, why in rejects])
     registry = read_registry(store, run.catalog)
     pinned = registry.version(registry.pinned) if registry.pinned else None
@@ -97,7 +118,7 @@ def fit_stage(
 
     fitted = fit_and_store(
         store,
-        x[keep],
+        x.subset(keep),
         config,
         embed=embed.model | {"key": embed.key},
         data_hash=hash_strings([hashes[i] for i in keep]),

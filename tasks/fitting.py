@@ -42,6 +42,7 @@ from sidpipe.storage.layout import (
     tokenizer_dir,
 )
 from sidpipe.storage.manifest import utcnow
+from sidpipe.storage.spill import SpilledRows
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.report import quality_png
 
@@ -114,19 +115,19 @@ def load_tokenizer(
 ENCODE_CHUNK = 65536  # rows per progress step; a multiple of every tokenizer's own batch size
 
 
-def encode(tokenizer: Tokenizer, x: np.ndarray, label: str = "encode") -> np.ndarray:
+def encode(tokenizer: Tokenizer, x: np.ndarray | SpilledRows, label: str = "encode") -> np.ndarray:
     """`tokenizer.encode(x)` with progress; the same codes (the same batches are formed)."""
     out = []
     with Progress(label, total=len(x), unit="items") as bar:
         for start in range(0, len(x), ENCODE_CHUNK):
             out.append(tokenizer.encode(x[start : start + ENCODE_CHUNK]))
             bar.advance(len(out[-1]))
-    return np.concatenate(out) if out else tokenizer.encode(x)
+    return np.concatenate(out) if out else tokenizer.encode(x[0:0])
 
 
 def fit_and_store(
     store: ArtifactStore,
-    x: np.ndarray,
+    x: np.ndarray | SpilledRows,
     config: TokenizerConfig,
     *,
     embed: dict,
@@ -139,7 +140,8 @@ def fit_and_store(
 
     `embed` describes the embedding space (`key` is part of the id), `data_hash` the exact
     training rows, `trained_on` where they came from (recorded, not hashed). With
-    `fit_sample_size`, the fit sees a seeded sample of x and every row of x is encoded."""
+    `fit_sample_size`, the fit sees a seeded sample of x and every row of x is encoded; x may be
+    a `SpilledRows`, read a block at a time (the same tokenizer and report as the whole matrix)."""
     fit_x = fit_sample(x, config.fit_sample_size, config.seed)
     sizes, message = size_codebooks(
         len(fit_x), config.codebook_sizes, config.min_points_per_code, config.small_catalog

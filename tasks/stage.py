@@ -17,6 +17,7 @@ from datetime import date, datetime
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect.cache_policies import NO_CACHE
 from pydantic import BaseModel
 
@@ -34,6 +35,7 @@ from sidpipe.storage.layout import (
 )
 from sidpipe.storage.lock import catalog_lock_name
 from sidpipe.storage.manifest import StageStats
+from sidpipe.storage.spill import SpilledRows
 from sidpipe.storage.store import ArtifactStore
 
 log = logging.getLogger(__name__)
@@ -239,3 +241,55 @@ def stage_matrix(
     dim = cached.schema.field(column).type.list_size
     matrix = np.asarray(cached[column].combine_chunks().values, np.float32).reshape(-1, dim)
     return ids, hashes, matrix[positions]
+
+
+def stage_rows(
+    store: ArtifactStore, run: RunInfo, outcome: StageOutcome, column: str
+) -> SpilledRows:
+    """A vector column of an upstream stage in item_id order (as `stage_matrix`), spilled to a
+    local temporary file in one pass over the stage cache, a part at a time: the caller reads
+    it a block at a time and never holds the whole N x D matrix. Close it when done."""
+    index = read_index(store, run, outcome)
+    hashes = (
+        index.sort_by("item_id")[INPUT_HASH] if index is not None else pa.array([], pa.string())
+    )
+    # Items with identical inputs share a hash (and a cached row): group positions by hash.
+    unique = pc.unique(hashes)
+    group = pc.index_in(hashes, unique).to_numpy(zero_copy_only=False)
+    order = np.argsort(group, kind="stable")
+    counts = np.bincount(group, minlength=len(unique))
+    starts = np.cumsum(counts) - counts
+    spill, done = None, np.zeros(len(unique), bool)
+    for part in StageCache(store, outcome.stage, outcome.key).scan(unique.to_pylist(), [column]):
+        if spill is None:
+            spill = SpilledRows(len(hashes), part.schema.field(column).type.list_size)
+        which = pc.index_in(part[INPUT_HASH], unique).to_numpy(zero_copy_only=False)
+        rows = np.flatnonzero(~done[which])  # a hash cached twice: its first row
+        which = which[rows]
+        done[which] = True
+        n = counts[which]
+        within = np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        vectors = np.asarray(part[column].combine_chunks().values, np.float32)
+        vectors = vectors.reshape(-1, spill.dim)[np.repeat(rows, n)]
+        spill.write(order[np.repeat(starts[which], n) + within], vectors)
+    if not done.all():
+        missing = pc.filter(hashes, pa.array(~done[group])).to_pylist()[:3]
+        raise RuntimeError(
+            f"{outcome.stage} cache {outcome.key} lacks {int((~done[group]).sum())} items, "
+            f"e.g. input hashes {missing}"
+        )
+    return spill if spill is not None else SpilledRows(0, 0)
+
+
+def stage_size(store: ArtifactStore, run: RunInfo, outcome: StageOutcome) -> int:
+    index = read_index(store, run, outcome)
+    return 0 if index is None else index.num_rows
+
+
+def stage_ids(store: ArtifactStore, run: RunInfo, outcome: StageOutcome) -> tuple[list, list]:
+    """(item_ids, input hashes) of a stage's items in item_id order, without their values."""
+    index = read_index(store, run, outcome)
+    if index is None:
+        return [], []
+    index = index.sort_by("item_id")
+    return index["item_id"].to_pylist(), index[INPUT_HASH].to_pylist()

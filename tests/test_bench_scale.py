@@ -35,3 +35,32 @@ def test_a_method_fits_on_a_sample_and_encodes_everything(small, method):
     assert row["method"] == method
     assert 0 < row["distinct"] <= 1 and len(row["usage"]) == 3
     assert 0.3 < row["cosine"] <= 1 and row["encode_per_min"] > 0 and row["peak_rss_gb"] > 0
+
+
+def test_the_fit_memory_benchmark_fits_the_same_tokenizer_both_ways(small, monkeypatch, capsys):
+    """bench/fit_stage_memory.py: the spilled fit stage and the whole-matrix baseline (each
+    run here in this process) fit the same tokenizer on the same embed-stage cache."""
+    import json
+    import shutil
+
+    from bench import fit_stage_memory as memory
+
+    monkeypatch.setattr(memory, "CACHE", bench.CACHE)
+    monkeypatch.setattr(
+        memory,
+        "SETTINGS",
+        {
+            "method": "rqkmeans",
+            "codebook_sizes": [8, 8, 8],
+            "min_points_per_code": 4,
+            "fit_sample_size": 1000,
+        },
+    )
+    folder, outcome = memory.build(3000, 32)
+    rows = []
+    for way in ("whole", "spill"):
+        shutil.rmtree(folder / "store" / "tokenizers", ignore_errors=True)
+        memory.child(way, str(folder), outcome)
+        rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
+    assert rows[0]["id"] == rows[1]["id"] and rows[0]["cos"] == rows[1]["cos"]
+    assert all(r["gb"] > 0 for r in rows)

@@ -100,3 +100,27 @@ def test_shipped_minilm_embedder_is_local_normalized_and_deterministic(minilm):
     assert np.array_equal(x, minilm.embed(inputs)[0])
     sims = x @ x.T
     assert sims[0, 2] > sims[0, 1]  # two shirts are closer than a shirt and shoes
+
+
+def test_spilled_rows_match_the_whole_matrix_with_shared_inputs_and_several_parts(
+    tmp_path, hash_embedder
+):
+    """`stage_rows` (read a part at a time) gives `stage_matrix`'s rows: items with identical
+    inputs share a cached row, and rows cached by earlier runs come from other parts."""
+    from sidpipe.tasks.stage import stage_rows
+
+    store = ArtifactStore(str(tmp_path))
+    embed_stage(
+        store,
+        run_info("r1"),
+        items(("b", "Blue hat", "Blue")),
+        ["color"],
+        hash_embedder,
+        EmbedConfig(),
+    )
+    table = items(("a", "Red hat", "Red"), ("b", "Blue hat", "Blue"), ("c", "Red hat", "Red"))
+    outcome = embed_stage(store, run_info("r2"), table, ["color"], hash_embedder, EmbedConfig())
+    _, _, whole = stage_matrix(store, run_info("r2"), outcome, "embedding")
+    with stage_rows(store, run_info("r2"), outcome, "embedding") as spilled:
+        assert np.array_equal(spilled[:], whole) and np.array_equal(spilled[[2, 0]], whole[[2, 0]])
+    assert np.array_equal(whole[0], whole[2]) and not np.array_equal(whole[0], whole[1])

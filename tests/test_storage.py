@@ -3,6 +3,7 @@
 import os
 from datetime import date
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
@@ -141,3 +142,24 @@ def test_a_store_that_cannot_be_reached_is_one_clear_error(s3, monkeypatch):
     result = CliRunner().invoke(app, ["inspect", "--store", f"{s3}/prefix"])
     assert result.exit_code == 3 and "credentials" in result.output
     assert "Traceback" not in result.output and "hint:" in result.output
+
+
+def test_a_spilled_matrix_reads_back_any_rows_in_any_order():
+    from sidpipe.storage.spill import SpilledRows
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((1000, 7)).astype(np.float32)
+    with SpilledRows(1000, 7) as spilled:
+        spilled.block = 64  # many blocks
+        order = rng.permutation(1000)
+        for part in np.array_split(order, 13):  # written in cache order, not row order
+            spilled.write(part, x[part])
+        assert np.array_equal(spilled[:], x) and np.array_equal(spilled[10:900], x[10:900])
+        rows = rng.choice(1000, 300, replace=False)
+        assert np.array_equal(spilled[rows], x[rows])
+        keep = np.sort(rng.choice(1000, 500, replace=False))
+        view = spilled.subset(keep)
+        assert len(view) == 500 and np.array_equal(view[3:400], x[keep][3:400])
+        assert np.array_equal(np.concatenate(list(view.chunks())), x[keep])
+        assert np.array_equal(view[[5, 2, 9]], x[keep][[5, 2, 9]])
+        assert view[[]].shape == (0, 7)

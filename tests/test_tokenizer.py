@@ -293,3 +293,56 @@ def test_ema_codebooks_learn_without_gradients_and_survive_a_roundtrip():
     level.ema_count[:] = 0.0
     level.reset_ema(torch.tensor([2, 3]))
     assert level.ema_count[2] == 1.0 and torch.equal(level.ema_sum[3], level.codebook.data[3])
+
+
+def test_the_fit_stage_reads_embeddings_a_block_at_a_time_and_fits_the_same(
+    tmp_path, hash_embedder, monkeypatch
+):
+    """The fit stage never loads the whole embedding matrix: it spills the stage cache to a
+    local file a part at a time and reads it back in blocks (here of 64 rows) for screening,
+    the fit's sample and the quality report; the tokenizer and its report are the ones the
+    whole matrix gives."""
+    from conftest import sample_items
+
+    from sidpipe.config import EmbedConfig
+    from sidpipe.models.tokenizer import screen_embeddings
+    from sidpipe.storage import spill
+    from sidpipe.storage.hashing import hash_strings
+    from sidpipe.storage.manifest import utcnow
+    from sidpipe.storage.store import ArtifactStore
+    from sidpipe.tasks import stage as stage_module
+    from sidpipe.tasks.embed import embed_stage
+    from sidpipe.tasks.fit import fit_stage
+    from sidpipe.tasks.fitting import fit_and_store
+    from sidpipe.tasks.stage import RunInfo, stage_matrix
+
+    store = ArtifactStore(str(tmp_path / "store"))
+    run = RunInfo(run_id="r", run_date=date(2026, 11, 1), catalog="c", started_at=utcnow())
+    embed = embed_stage(store, run, sample_items(300), [], hash_embedder, EmbedConfig())
+    config = TokenizerConfig(
+        method="rqkmeans", codebook_sizes=[8, 8, 8], min_points_per_code=4, fit_sample_size=150
+    )
+    ids, hashes, x = stage_matrix(store, run, embed, "embedding")
+    keep, _ = screen_embeddings(ids, x)
+    whole_store = ArtifactStore(str(tmp_path / "whole"))
+    whole = fit_and_store(
+        whole_store,
+        x[keep],
+        config,
+        embed=embed.model | {"key": embed.key},
+        data_hash=hash_strings([hashes[i] for i in keep]),
+        trained_on={"run_id": run.run_id, "catalog": run.catalog},
+    )
+
+    def whole_matrix(*args):
+        raise AssertionError("the fit stage read the whole matrix")
+
+    monkeypatch.setattr(stage_module, "stage_matrix", whole_matrix)
+    monkeypatch.setattr(spill, "BLOCK_ROWS", 64)
+    outcome = fit_stage(store, run, embed, config)
+    assert outcome.tokenizer_id == whole.tokenizer_id
+    reports = [
+        s.read_json("tokenizers", outcome.tokenizer_id, "fit_report.json")
+        for s in (store, whole_store)
+    ]
+    assert reports[0]["quality"] == reports[1]["quality"]
