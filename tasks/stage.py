@@ -281,11 +281,6 @@ def stage_rows(
     return spill if spill is not None else SpilledRows(0, 0)
 
 
-def stage_size(store: ArtifactStore, run: RunInfo, outcome: StageOutcome) -> int:
-    index = read_index(store, run, outcome)
-    return 0 if index is None else index.num_rows
-
-
 def stage_ids(store: ArtifactStore, run: RunInfo, outcome: StageOutcome) -> tuple[list, list]:
     """(item_ids, input hashes) of a stage's items in item_id order, without their values."""
     index = read_index(store, run, outcome)
