@@ -22,7 +22,6 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from sidpipe.errors import CorruptArtifactError
-from sidpipe.storage.hashing import sha256_bytes
 from sidpipe.storage.layout import MANIFEST_NAME, RUN_RECORD_NAME, sids_dir, staging_dir
 from sidpipe.storage.store import ArtifactStore
 
@@ -169,11 +168,9 @@ def publish(
     store.delete(*target, MANIFEST_NAME)
     files: dict[str, FileEntry] = {}
     for role, (name, dest, rows) in staged.items():
-        data = store.read_bytes(*staging_dir(manifest.run_id), name)
-        path = store.write_bytes(data, *dest, name)
-        files[role] = FileEntry(
-            path=store.relative(path), sha256=sha256_bytes(data), bytes=len(data), rows=rows
-        )
+        # Streamed and hashed a block at a time: a 10M-item embeddings file never sits in memory.
+        path, sha256, size = store.copy((*staging_dir(manifest.run_id), name), (*dest, name))
+        files[role] = FileEntry(path=store.relative(path), sha256=sha256, bytes=size, rows=rows)
     manifest = manifest.model_copy(update={"files": files})
     store.write_json(manifest.model_dump(mode="json"), *target, MANIFEST_NAME)
     # Staging is done with: keep only the run record, the run log's line for this run.

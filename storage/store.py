@@ -10,6 +10,7 @@ This module knows paths and bytes, never what a stage means.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -35,6 +36,7 @@ def _file_mode() -> int:
 
 
 FILE_MODE = _file_mode()
+COPY_BLOCK = 8 << 20  # bytes read and written at once by `copy`
 
 
 def _is_local(fs: fsspec.AbstractFileSystem) -> bool:
@@ -134,33 +136,50 @@ class ArtifactStore:
             return sorted(self.fs.ls(path, detail=False))
 
     # -- writing ---------------------------------------------------------------------------------
-    def write_bytes(self, data: bytes, *parts: str) -> str:
-        """Write one object atomically; returns its path."""
+    @contextmanager
+    def _atomic_sink(self, *parts: str):
+        """A binary file to write one object into; it appears under its name only if the block
+        ends without an error. Local: a temporary name in the same folder, fsynced and renamed.
+        Remote: a local temporary file uploaded at the end (one PUT, or a multipart upload that
+        completes only at the end). Yields the file; the object's path is `self.path(*parts)`."""
         path = self.path(*parts)
+        local = _is_local(self.fs)
         try:
-            if _is_local(self.fs):
-                directory = os.path.dirname(path)
+            directory = os.path.dirname(path) if local else None
+            if directory:
                 os.makedirs(directory, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-                try:
-                    # mkstemp makes the file 0600; a published file gets what the umask allows
-                    # (0644 under the usual 022), like any file the user writes.
-                    os.fchmod(fd, FILE_MODE)
-                    with os.fdopen(fd, "wb") as handle:
-                        handle.write(data)
-                        handle.flush()
-                        os.fsync(handle.fileno())
-                    os.replace(tmp, path)
-                except BaseException:
-                    if os.path.exists(tmp):
-                        os.unlink(tmp)
-                    raise
-            else:
-                # One PUT (or a multipart upload completed only at the end): all or nothing.
-                self.fs.pipe_file(path, data)
+            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
         except Exception as exc:  # noqa: BLE001
             raise StoreError(f"cannot write {self.uri(*parts)}: {exc}") from exc
-        return path
+        try:
+            # mkstemp makes the file 0600; a published file gets what the umask allows
+            # (0644 under the usual 022), like any file the user writes.
+            os.fchmod(fd, FILE_MODE)
+            with os.fdopen(fd, "wb") as handle:
+                yield handle
+                handle.flush()
+                os.fsync(handle.fileno())
+            try:
+                if local:
+                    os.replace(tmp, path)
+                else:
+                    self.fs.put_file(tmp, path)
+            except Exception as exc:  # noqa: BLE001
+                raise StoreError(f"cannot write {self.uri(*parts)}: {exc}") from exc
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_bytes(self, data: bytes, *parts: str) -> str:
+        """Write one object atomically; returns its path."""
+        if not _is_local(self.fs):
+            # Small objects go up in one PUT without a local temporary file.
+            with self._backend("write", *parts):
+                self.fs.pipe_file(self.path(*parts), data)
+            return self.path(*parts)
+        with self._backend("write", *parts), self._atomic_sink(*parts) as handle:
+            handle.write(data)
+        return self.path(*parts)
 
     def write_json(self, obj: Any, *parts: str) -> str:
         # Insertion order is kept (stages in DAG order); it is deterministic for our models.
@@ -174,6 +193,35 @@ class ArtifactStore:
         sink = io.BytesIO()
         pq.write_table(table, sink, compression="zstd", write_page_checksum=True)
         return self.write_bytes(sink.getvalue(), *parts)
+
+    def write_parquet_batches(
+        self, schema: pa.Schema, batches: Iterable[pa.RecordBatch | pa.Table], *parts: str
+    ) -> tuple[str, int]:
+        """Write one Parquet file a batch at a time (never the whole table in memory), as
+        atomically as `write_bytes`; returns (path, rows)."""
+        rows = 0
+        with self._backend("write", *parts), self._atomic_sink(*parts) as handle:
+            with pq.ParquetWriter(
+                handle, schema, compression="zstd", write_page_checksum=True
+            ) as writer:
+                for batch in batches:
+                    writer.write(batch)
+                    rows += batch.num_rows
+        return self.path(*parts), rows
+
+    def copy(self, source: tuple[str, ...], target: tuple[str, ...]) -> tuple[str, str, int]:
+        """Copy one object a block at a time (atomic at the target, as `write_bytes`), hashing
+        it on the way; returns (target path, sha256 hex, bytes)."""
+        digest, size, path = hashlib.sha256(), 0, self.path(*source)
+        with self._backend("copy to", *target), self.fs.open(path, "rb") as src:
+            with self._atomic_sink(*target) as handle:
+                while block := src.read(COPY_BLOCK):
+                    digest.update(block)
+                    handle.write(block)
+                    size += len(block)
+                if size != src.size:
+                    raise StoreError(f"read {size} of {src.size} bytes of {self.uri(*source)}")
+        return self.path(*target), digest.hexdigest(), size
 
     def delete(self, *parts: str) -> None:
         path = self.path(*parts)

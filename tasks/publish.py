@@ -10,6 +10,7 @@ import subprocess
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 
 import sidpipe
@@ -44,7 +45,8 @@ from sidpipe.tasks.stage import (
     IngestOutcome,
     RunInfo,
     StageOutcome,
-    stage_matrix,
+    read_index,
+    stage_rows,
     stage_values,
 )
 
@@ -74,26 +76,38 @@ def code_version() -> dict:
     return version
 
 
-def embeddings_table(store: ArtifactStore, run: RunInfo, stages: list[StageOutcome]) -> pa.Table:
-    """item_id, embedding (float32) of every item that got a SID: the content the SIDs were
-    made from, for training flows (AKT-Rec's content view, AsymRec's inputs)."""
+def write_embeddings(store: ArtifactStore, run: RunInfo, stages: list[StageOutcome]) -> int:
+    """Stage `embeddings.parquet`: item_id, embedding (float32) of every item that got a SID,
+    the content the SIDs were made from, for training flows (AKT-Rec's content view, AsymRec's
+    inputs). Written a block of rows at a time from a local spill of the embed stage, so it
+    needs one block's memory at any catalog size. Returns its row count."""
     embed = next(s for s in stages if s.stage == "embed")
-    ids, _, x = stage_matrix(store, run, embed, "embedding")
-    assigned = set(
-        store.read_parquet(*staging_dir(run.run_id), SIDS_FILE, columns=["item_id"])[
-            "item_id"
-        ].to_pylist()
-    )
-    keep = [i for i, item_id in enumerate(ids) if item_id in assigned]
-    dim = x.shape[1] if x.ndim == 2 else 0
-    return pa.table(
-        {
-            "item_id": pa.array([ids[i] for i in keep], pa.string()),
-            "embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(x[keep].reshape(-1), pa.float32()), dim
-            ),
-        }
-    )
+    index = read_index(store, run, embed)
+    ids = index.sort_by("item_id")["item_id"] if index is not None else pa.array([], pa.string())
+    assigned = store.read_parquet(*staging_dir(run.run_id), SIDS_FILE, columns=["item_id"])
+    keep = pc.is_in(ids, value_set=assigned["item_id"]).to_numpy(zero_copy_only=False)
+    with stage_rows(store, run, embed, "embedding") as x:
+        schema = pa.schema([("item_id", pa.string()), ("embedding", pa.list_(pa.float32(), x.dim))])
+
+        def batches():
+            start = 0
+            for block in x.chunks():
+                mask = keep[start : start + len(block)]
+                yield pa.table(
+                    {
+                        "item_id": ids[start : start + len(block)].filter(pa.array(mask)),
+                        "embedding": pa.FixedSizeListArray.from_arrays(
+                            pa.array(block[mask].reshape(-1), pa.float32()), x.dim
+                        ),
+                    },
+                    schema=schema,
+                )
+                start += len(block)
+
+        _, rows = store.write_parquet_batches(
+            schema, batches(), *staging_dir(run.run_id), EMBEDDINGS_FILE
+        )
+    return rows
 
 
 def enrichment_table(
@@ -174,9 +188,7 @@ def publish_stage(
     if enrichment is not None:
         store.write_parquet(enrichment, *staging, ENRICHMENT_FILE)
         optional["enrichment"] = (ENRICHMENT_FILE, sids, enrichment.num_rows)
-    embeddings = embeddings_table(store, run, stages)
-    store.write_parquet(embeddings, *staging, EMBEDDINGS_FILE)
-    optional["embeddings"] = (EMBEDDINGS_FILE, sids, embeddings.num_rows)
+    optional["embeddings"] = (EMBEDDINGS_FILE, sids, write_embeddings(store, run, stages))
     manifest = publish(
         store,
         manifest,

@@ -47,18 +47,24 @@ def main() -> None:
     else:
         when, pattern = point.split(":", 1)
         assert when in ("before", "after"), point
-        original_write = ArtifactStore.write_bytes
+        original_write, original_copy = ArtifactStore.write_bytes, ArtifactStore.copy
 
-        def write_and_maybe_die(self, data, *parts):
+        def maybe_die(parts, write):
             hit = fnmatch.fnmatch("/".join(parts), pattern)
             if hit and when == "before":
                 die()
-            path = original_write(self, data, *parts)
+            result = write()
             if hit:
                 die()
-            return path
+            return result
 
-        ArtifactStore.write_bytes = write_and_maybe_die
+        # Publishing copies staged files to their names; everything else writes bytes.
+        ArtifactStore.write_bytes = lambda self, data, *parts: maybe_die(
+            parts, lambda: original_write(self, data, *parts)
+        )
+        ArtifactStore.copy = lambda self, source, target: maybe_die(
+            target, lambda: original_copy(self, source, target)
+        )
 
     from sidpipe.flows.nightly import nightly_tokenization
 

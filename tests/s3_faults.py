@@ -73,14 +73,18 @@ class FaultyS3:
                     for k, v in response.getheaders()
                     if k.lower() not in HOP_BY_HOP and k.lower() != "content-length"
                 }
+                # A HEAD answer has no body but the object's length (s3fs sizes files by it).
+                length = response.getheader("Content-Length") if self.command == "HEAD" else None
                 connection.close()
-                self._reply(response.status, kept, data)
+                self._reply(response.status, kept, data, length)
 
-            def _reply(self, status: int, headers: dict, data: bytes) -> None:
+            def _reply(
+                self, status: int, headers: dict, data: bytes, length: str | None = None
+            ) -> None:
                 self.send_response(status)
                 for key, value in headers.items():
                     self.send_header(key, value)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", length or str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

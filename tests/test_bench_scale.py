@@ -64,3 +64,30 @@ def test_the_fit_memory_benchmark_fits_the_same_tokenizer_both_ways(small, monke
         rows.append(json.loads(capsys.readouterr().out.strip().splitlines()[-1]))
     assert rows[0]["id"] == rows[1]["id"] and rows[0]["cos"] == rows[1]["cos"]
     assert all(r["gb"] > 0 for r in rows)
+
+
+def test_the_publish_memory_benchmark_publishes_the_same_table_both_ways(
+    small, monkeypatch, capsys
+):
+    """bench/publish_memory.py: the streamed embeddings.parquet (written a block at a time,
+    copied and hashed 8 MB at a time) holds the same rows as the whole-table baseline."""
+    import json
+
+    import pyarrow.parquet as pq
+
+    from bench import fit_stage_memory as memory
+    from bench import publish_memory
+    from sidpipe.storage import spill
+
+    monkeypatch.setattr(memory, "CACHE", bench.CACHE)
+    monkeypatch.setattr(spill, "BLOCK_ROWS", 700)  # several blocks, the last one short
+    folder, outcome = memory.build(3000, 32)
+    rows = {}
+    for way in ("whole", "stream"):
+        publish_memory.child(way, str(folder), outcome)
+        rows[way] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    published = {w: folder / "store" / w / "embeddings.parquet" for w in rows}
+    assert rows["whole"]["rows"] == rows["stream"]["rows"] == 3000
+    assert pq.read_table(published["whole"]).equals(pq.read_table(published["stream"]))
+    assert pq.ParquetFile(published["stream"]).metadata.num_row_groups == 5  # one per block
+    assert rows["stream"]["bytes"] == published["stream"].stat().st_size

@@ -110,21 +110,21 @@ def test_a_disk_that_fills_up_mid_publish_leaves_the_published_runs_whole(
     config = config_for(str(tmp_path / "store"), small_catalog)
     store = ArtifactStore(config.store)
     yesterday = run_flow(config, date(2026, 11, 19))
-    original = ArtifactStore.write_bytes
+    original = ArtifactStore.copy  # publishing copies each staged file to its name
 
-    def full_disk(self, data, *parts):
-        if parts[0] == "sids" and parts[-1] != "sids.parquet":  # sids.parquet fits, then full
-            raise StoreError(f"cannot write {self.uri(*parts)}: {os.strerror(errno.ENOSPC)}")
-        return original(self, data, *parts)
+    def full_disk(self, source, target):
+        if target[0] == "sids" and target[-1] != "sids.parquet":  # sids.parquet fits, then full
+            raise StoreError(f"cannot write {self.uri(*target)}: {os.strerror(errno.ENOSPC)}")
+        return original(self, source, target)
 
-    monkeypatch.setattr(ArtifactStore, "write_bytes", full_disk)
+    monkeypatch.setattr(ArtifactStore, "copy", full_disk)
     with pytest.raises(StoreError, match="No space left on device"):
         run_flow(config)
     # Today is not published (no manifest: its copied sids.parquet is invisible); yesterday is.
     assert [m.run_date.isoformat() for m in published_runs(store)] == ["2026-11-19"]
     assert store.read_bytes(yesterday["files"]["sids"]["path"])
 
-    monkeypatch.setattr(ArtifactStore, "write_bytes", original)  # space freed
+    monkeypatch.setattr(ArtifactStore, "copy", original)  # space freed
     today = run_flow(config)
     assert today["counts"]["assigned"] == 120 and today["attempts"] == 2
     assert [m.run_date.isoformat() for m in published_runs(store)] == ["2026-11-19", "2026-11-20"]

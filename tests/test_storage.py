@@ -1,5 +1,6 @@
 """The artifact store, the stage cache and atomic publish, on a local folder and on S3 (moto)."""
 
+import hashlib
 import os
 from datetime import date
 
@@ -50,6 +51,29 @@ def test_failed_local_write_leaves_nothing_behind(tmp_path, monkeypatch):
         store.write_bytes(b"new but broken", "f.bin")
     assert store.read_bytes("f.bin") == b"old"
     assert os.listdir(tmp_path) == ["f.bin"]  # no temporary file left
+
+
+def test_a_parquet_file_written_a_batch_at_a_time_and_copied_block_by_block(store, monkeypatch):
+    monkeypatch.setattr("sidpipe.storage.store.COPY_BLOCK", 1000)  # many blocks, odd sizes
+    batches = (pa.table({"v": list(range(i, i + 500))}) for i in range(0, 5000, 500))
+    path, rows = store.write_parquet_batches(pa.schema([("v", pa.int64())]), batches, "a", "t")
+    assert rows == 5000 and store.read_parquet("a", "t")["v"].to_pylist() == list(range(5000))
+    copied, sha256, size = store.copy(("a", "t"), ("b", "t"))
+    data = store.read_bytes("b", "t")
+    assert data == store.read_bytes("a", "t") and size == len(data) > 3000
+    assert sha256 == hashlib.sha256(data).hexdigest() and copied == store.path("b", "t")
+
+
+def test_a_batch_writer_that_fails_midway_leaves_nothing_behind(tmp_path):
+    store = ArtifactStore(str(tmp_path))
+
+    def batches():
+        yield pa.table({"v": [1]})
+        raise OSError("disk full")
+
+    with pytest.raises(StoreError, match="cannot write .*t.parquet: disk full"):
+        store.write_parquet_batches(pa.schema([("v", pa.int64())]), batches(), "t.parquet")
+    assert os.listdir(tmp_path) == []
 
 
 def test_stage_cache_hits_only_what_was_stored(store):
