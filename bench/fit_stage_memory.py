@@ -125,12 +125,24 @@ def child(way: str, folder: str, outcome_json: str) -> None:
     print(json.dumps({"way": way, "id": tokenizer_id, "gb": peak, "s": seconds, "cos": cosine}))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def arguments(doc: str) -> argparse.Namespace:
+    """--n, --dim, and the hidden --child WAY FOLDER OUTCOME a benchmark re-runs itself with."""
+    parser = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     parser.add_argument("--n", type=int, nargs="+", default=[100_000, 400_000])
     parser.add_argument("--dim", type=int, default=256)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def in_child(script: str, way: str, folder: Path, outcome: str) -> dict:
+    """Run one way of a benchmark in its own process (its own peak RSS); its JSON line."""
+    command = [sys.executable, script, "--child", way, str(folder), outcome]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def main() -> None:
+    args = arguments(__doc__)
     if args.child:
         return child(*args.child)
     print(f"machine: {machine()}")
@@ -142,9 +154,7 @@ def main() -> None:
         results = {}
         for way in ("whole", "spill"):
             shutil.rmtree(folder / "store" / "tokenizers", ignore_errors=True)  # fit afresh
-            command = [sys.executable, __file__, "--child", way, str(folder), outcome]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            results[way] = json.loads(out.strip().splitlines()[-1])
+            results[way] = in_child(__file__, way, folder, outcome)
         whole, spill = results["whole"], results["spill"]
         assert whole["id"] == spill["id"], (whole["id"], spill["id"])  # the same tokenizer
         print(

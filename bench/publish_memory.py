@@ -16,19 +16,17 @@ stream/whole, and the machine.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import resource
 import shutil
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.fit_stage_memory import build, run_info  # noqa: E402
+from bench.fit_stage_memory import arguments, build, in_child, run_info  # noqa: E402
 from bench.tokenizers import machine  # noqa: E402
 
 
@@ -76,11 +74,7 @@ def child(way: str, folder: str, outcome_json: str) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--n", type=int, nargs="+", default=[100_000, 400_000])
-    parser.add_argument("--dim", type=int, default=256)
-    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = arguments(__doc__)
     if args.child:
         return child(*args.child)
     import pyarrow.parquet as pq
@@ -93,9 +87,7 @@ def main() -> None:
         results = {}
         for way in ("whole", "stream"):
             shutil.rmtree(folder / "store" / way, ignore_errors=True)
-            command = [sys.executable, __file__, "--child", way, str(folder), outcome]
-            out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-            results[way] = json.loads(out.strip().splitlines()[-1])
+            results[way] = in_child(__file__, way, folder, outcome)
         whole, stream = results["whole"], results["stream"]
         published = [pq.read_table(folder / "store" / w / "embeddings.parquet") for w in results]
         assert whole["rows"] == stream["rows"] == n and published[0].equals(published[1])
