@@ -82,8 +82,9 @@ def write_embeddings(store: ArtifactStore, run: RunInfo, stages: list[StageOutco
     inputs). Written a block of rows at a time from a local spill of the embed stage, so it
     needs one block's memory at any catalog size. Returns its row count."""
     embed = next(s for s in stages if s.stage == "embed")
-    index = read_index(store, run, embed)
+    index = read_index(store, run, embed)  # dropped once its sorted ids are taken
     ids = index.sort_by("item_id")["item_id"] if index is not None else pa.array([], pa.string())
+    del index
     assigned = store.read_parquet(*staging_dir(run.run_id), SIDS_FILE, columns=["item_id"])
     keep = pc.is_in(ids, value_set=assigned["item_id"]).to_numpy(zero_copy_only=False)
     with stage_rows(store, run, embed, "embedding") as x:
