@@ -35,6 +35,14 @@ def test_a_method_fits_on_a_sample_and_encodes_everything(small, method):
     assert row["method"] == method
     assert 0 < row["distinct"] <= 1 and len(row["usage"]) == 3
     assert 0.3 < row["cosine"] <= 1 and row["encode_per_min"] > 0 and row["peak_rss_gb"] > 0
+    if method == "faiss-rq":  # the peer has no reassign step
+        assert "reassign_distinct" not in row
+        return
+    # `collisions: reassign` moves items to free tuples: more distinct, about the same cosine,
+    # and the moved items are counted.
+    assert row["reassign_distinct"] > row["distinct"] and row["reassign_moved"] > 0
+    assert abs(row["reassign_cosine_delta"]) < 0.05
+    assert "+ reassign" in bench.line(row)
 
 
 def test_the_fit_memory_benchmark_fits_the_same_tokenizer_both_ways(small, monkeypatch, capsys):
