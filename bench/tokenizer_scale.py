@@ -147,8 +147,8 @@ def reassigned(x: np.memmap, codes: np.ndarray, decode, rank) -> dict:
     moved = np.asarray(table["codes"].to_pylist(), np.int32)
     changed = np.flatnonzero((moved != codes).any(axis=1))
     # Only moved items' reconstructions change: the cosine is corrected on those rows.
-    before = cosines(decode(codes[changed]), np.asarray(x[changed], np.float32))
-    after = cosines(decode(moved[changed]), np.asarray(x[changed], np.float32))
+    rows = np.asarray(x[changed], np.float32)
+    before, after = cosines(decode(codes[changed]), rows), cosines(decode(moved[changed]), rows)
     q = sid_quality(moved, SIZES)
     return {
         "reassign_distinct": q["distinct_tuple_rate"],
