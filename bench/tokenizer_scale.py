@@ -263,13 +263,13 @@ def main() -> None:
     if peer:
         for r in rows:
             print(
-                f"{r['method']}: cosine {r['cosine'] / peer['cosine']:.3f}x faiss-rq's, "
+                f"{r['method']}: cosine {r['cosine'] / peer['cosine']:.4f}x faiss-rq's, "
                 f"distinct {r['distinct'] / max(peer['distinct'], 1e-9):.2f}x"
             )
             if "reassign_distinct" in r:
                 cosine = r["cosine"] + r["reassign_cosine_delta"]
                 print(
-                    f"{r['method']} + reassign: cosine {cosine / peer['cosine']:.3f}x "
+                    f"{r['method']} + reassign: cosine {cosine / peer['cosine']:.4f}x "
                     f"faiss-rq's, distinct {r['reassign_distinct'] / peer['distinct']:.2f}x"
                 )
 
@@ -279,11 +279,11 @@ def line(r: dict) -> str:
     perplexity = "/".join(f"{p:.0f}" for p in r["perplexity"])
     return (
         f"| {r['method']} | {r['distinct']:.3f} | {r['max_bucket']} | {usage} | {perplexity} "
-        f"| {r['cosine']:.3f} | {r['fit_s']:.0f} | {r['encode_per_min'] / 1e6:.2f}M "
+        f"| {r['cosine']:.4f} | {r['fit_s']:.0f} | {r['encode_per_min'] / 1e6:.2f}M "
         f"| {r['peak_rss_gb']:.2f} |"
     ) + (
         f"\n| {r['method']} + reassign | {r['reassign_distinct']:.3f} | "
-        f"{r['reassign_max_bucket']} | | | {r['cosine'] + r['reassign_cosine_delta']:.3f} | "
+        f"{r['reassign_max_bucket']} | | | {r['cosine'] + r['reassign_cosine_delta']:.4f} | "
         f"+{r['reassign_s']:.0f} | | | ({r['reassign_moved']:,} items moved)"
         if "reassign_distinct" in r
         else ""

@@ -9,9 +9,9 @@ a closed form that survives encoding:
 
     code(r) = argmin_k  ||r - c_k||^2 + price_k
 
-The prices are the dual variables of the capacity constraint "no code takes more than N/K of the
-N items" (so they are never negative), fitted by dual (sub)gradient ascent over all K codes on a seeded sample and stored with the
-codebook. Encoding is then a per-item function again: an item's code never depends on which
+The prices are the dual variables of the capacity constraint "no code takes more than CAPACITY
+times its even share N/K of the N items" (so they are never negative), fitted by dual
+(sub)gradient ascent over all K codes on a seeded sample and stored with the codebook. Encoding is then a per-item function again: an item's code never depends on which
 other items share its batch, so shards encode independently and give the same codes on any
 runner. With all prices 0 it is plain nearest-codeword assignment.
 
@@ -27,6 +27,9 @@ CHUNK = 16384  # rows per distance block: bounds memory at CHUNK x K floats
 PER_CODE = 16  # sample rows per code that prices are fitted on
 STEPS = 100  # dual ascent steps of a calibration
 STEP = 0.5  # first step, in units of the data's own gap between near codes
+# A code's load is priced above CAPACITY x its even share (N/K). At 1M long-tailed items, 3x kept
+# 1x's distinct tuples at a higher reconstruction cosine (0.9372 against 0.936; README).
+CAPACITY = 3.0
 FIRST_BALANCED_LEVEL = 1  # level 0 (the first) stays plain k-means: see `is_balanced`
 
 
@@ -77,12 +80,14 @@ def calibrate_prices(
     seed: int = 0,
     steps: int = STEPS,
     start: torch.Tensor | None = None,
+    capacity: float = CAPACITY,
 ) -> torch.Tensor:
-    """Prices [K] under which rows like x spread as evenly as they can over the K codes.
+    """Prices [K] under which no code takes more than `capacity` times its even share of rows
+    like x.
 
-    Dual ascent on the assignment problem "min total distance, no code over N/K rows", over
-    every code, on a seeded sample of PER_CODE * K rows: a code with more rows than its share
-    gets dearer, one with fewer cheaper (down to no price at all), by a step that shrinks as
+    Dual ascent on the assignment problem "min total distance, no code over capacity * N/K rows",
+    over every code, on a seeded sample of PER_CODE * K rows: a code over its capacity gets
+    dearer, one under it cheaper (down to no price at all), by a step that shrinks as
     1/sqrt(t) and is measured in the data's own scale (the median gap between a row's nearest
     and 8th-nearest code). Keeps the prices with the fewest rows over capacity seen;
     deterministic. `start`: prices to go on from (a few steps after codewords moved a little,
@@ -95,7 +100,7 @@ def calibrate_prices(
     dist = torch.cat([priced_scores(s[i : i + CHUNK], codebook, zero) for i in range(0, n, CHUNK)])
     near = dist[:4096].topk(min(8, k), dim=1, largest=False).values
     scale = float((near[:, -1] - near[:, 0]).median().clamp_min(1e-12))
-    cap = n / k  # a code's share: loads over it are priced, loads under it are not
+    cap = capacity * n / k  # loads over it are priced, loads under it are not
     prices = torch.zeros(k, dtype=codebook.dtype) if start is None else start.clone()
     best, best_over = prices.clone(), float("inf")
     for t in range(steps):

@@ -155,13 +155,14 @@ def _nearest(
 def fit_rqkmeans(
     x: np.ndarray, codebook_sizes: list[int], settings: TokenizerConfig, progress=None
 ) -> tuple[RQKMeans, dict]:
-    """Residual k-means (`settings.kmeans_iterations`), then `settings.refine_rounds` of
+    """Residual k-means (progressive-dimension, `settings.kmeans_dim_steps` steps of
+    `settings.kmeans_iterations`), then `settings.refine_rounds` of
     coordinate descent: each level's codebook is re-estimated as the mean of what the *other*
     levels leave of its items, and every item is re-encoded greedily. Greedy re-encoding can undo
     a round's gain, so the codebooks of the round with the lowest reconstruction error are kept.
     `progress(done, total, losses)` is called after each level and each round."""
     iterations, seed = settings.kmeans_iterations, settings.seed
-    refine_rounds = settings.refine_rounds
+    refine_rounds, dim_steps = settings.refine_rounds, settings.kmeans_dim_steps
     started = time.perf_counter()
     x = np.ascontiguousarray(x, np.float32)
     mean = x.mean(axis=0)
@@ -175,7 +176,7 @@ def fit_rqkmeans(
             progress(done, steps, {"total": mse})
 
     for level, k in enumerate(codebook_sizes):
-        centroids, device = kmeans(residual, k, iterations, seed + level)
+        centroids, device = kmeans(residual, k, iterations, seed + level, dim_steps)
         if balanced and is_balanced(level):
             book, level_prices, codes = balanced_kmeans(
                 torch.from_numpy(residual), torch.from_numpy(centroids), BALANCE_ROUNDS, seed
@@ -221,6 +222,7 @@ def fit_rqkmeans(
         "balanced": balanced,
         "codebook_sizes": list(codebook_sizes),
         "kmeans_iterations": iterations,
+        "kmeans_dim_steps": dim_steps,
         "kmeans_device": device,
         "refine_rounds": refine_rounds,
         "mse_by_round": errors,

@@ -20,7 +20,7 @@ from sidpipe.models.rqvae import RQVAE, fit_rqvae
 # The one registry of tokenizer methods: how to fit one, and the class that loads it.
 METHODS = {"rqvae": (fit_rqvae, RQVAE), "rqkmeans": (fit_rqkmeans, RQKMeans)}
 # Part of every tokenizer id: bump when fitting changes, so new weights never share an old id.
-ALGORITHM_VERSION = 3
+ALGORITHM_VERSION = 4
 HUGE_NORM_RATIO = 1e3  # a norm this many times the median is a broken vector, not an item
 
 

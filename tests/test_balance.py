@@ -6,6 +6,7 @@ import torch
 
 from sidpipe.config import TokenizerConfig
 from sidpipe.models.balance import (
+    CAPACITY,
     augmented,
     balanced_kmeans,
     calibrate_prices,
@@ -41,13 +42,17 @@ def test_prices_undo_a_collapsed_level():
     x, codebook = collapsing()
     k = len(codebook)
     before = loads(priced_nearest(x, codebook, torch.zeros(k)), k)
-    prices = calibrate_prices(x, codebook, seed=1)
-    after = loads(priced_nearest(x, codebook, prices), k)
     assert (before > 0).float().mean() < 0.7  # a third of the codes unused
     assert before.max() > 4 * len(x) / k  # and one takes 4x its share
+    # The default capacity (3x a code's share, priced on a sample): the crowded codes shed load.
+    after = loads(priced_nearest(x, codebook, calibrate_prices(x, codebook, seed=1)), k)
+    assert after.max() < min(before.max() * 0.8, (CAPACITY + 1) * len(x) / k)
+    # At 1x its share, the load is spread over nearly every code.
+    even = calibrate_prices(x, codebook, seed=1, capacity=1.0)
+    after = loads(priced_nearest(x, codebook, even), k)
     assert (after > 0).float().mean() > 0.85
     assert after.max() < 2 * len(x) / k
-    assert (prices >= 0).all()  # only codes over their share are priced
+    assert (even >= 0).all()  # only codes over their capacity are priced
 
 
 def test_balancing_is_on_by_default_where_it_measured_better():

@@ -99,3 +99,22 @@ def test_the_publish_memory_benchmark_publishes_the_same_table_both_ways(
     assert pq.read_table(published["whole"]).equals(pq.read_table(published["stream"]))
     assert pq.ParquetFile(published["stream"]).metadata.num_row_groups == 5  # one per block
     assert rows["stream"]["bytes"] == published["stream"].stat().st_size
+
+
+def test_the_kmeans_dims_benchmark_compares_every_variant_on_every_seed(small, monkeypatch, capsys):
+    from bench import kmeans_dims
+
+    x = np.asarray(bench.synthetic(600, 16), np.float32)
+    monkeypatch.setattr(kmeans_dims, "beauty_embeddings", lambda: ([str(i) for i in range(600)], x))
+    monkeypatch.setattr(kmeans_dims, "SIZES", [8, 8, 8])
+    kmeans_dims.main()
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "seed" not in line]
+    assert len(rows) == 3 * len(kmeans_dims.VARIANTS)  # every variant, three seeds
+    assert {line.split("|")[1].strip() for line in rows} == set(kmeans_dims.VARIANTS)
+    ratios = [line for line in out.splitlines() if " / balanced, plain k-means: " in line]
+    assert len(ratios) == len(kmeans_dims.VARIANTS) - 1
+    for line in ratios:
+        distinct = float(line.split("distinct ")[1].split("x")[0])
+        cosine = float(line.split("cosine ")[1].split("x")[0])
+        assert 0.5 < distinct < 2 and 0.5 < cosine < 2
