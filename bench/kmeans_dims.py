@@ -40,7 +40,6 @@ VARIANTS = {
 
 
 def measure(x: np.ndarray, balanced: bool, dim_steps: int, capacity: float, seed: int) -> dict:
-    balance.CAPACITY = capacity  # a constant of the algorithm, not a setting
     config = TokenizerConfig(
         method="rqkmeans",
         codebook_sizes=SIZES,
@@ -48,9 +47,13 @@ def measure(x: np.ndarray, balanced: bool, dim_steps: int, capacity: float, seed
         kmeans_dim_steps=dim_steps,
         seed=seed,
     )
-    started = time.perf_counter()
-    tokenizer, _ = fit_tokenizer(x, SIZES, config)
-    fit_s = time.perf_counter() - started
+    default, balance.CAPACITY = balance.CAPACITY, capacity  # an algorithm constant, not a setting
+    try:
+        started = time.perf_counter()
+        tokenizer, _ = fit_tokenizer(x, SIZES, config)
+        fit_s = time.perf_counter() - started
+    finally:
+        balance.CAPACITY = default
     codes = tokenizer.encode(x)
     quality = sid_quality(codes, SIZES)
     return {

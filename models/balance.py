@@ -80,10 +80,10 @@ def calibrate_prices(
     seed: int = 0,
     steps: int = STEPS,
     start: torch.Tensor | None = None,
-    capacity: float = CAPACITY,
+    capacity: float | None = None,
 ) -> torch.Tensor:
-    """Prices [K] under which no code takes more than `capacity` times its even share of rows
-    like x.
+    """Prices [K] under which no code takes more than `capacity` (default: CAPACITY, read at
+    call time) times its even share of rows like x.
 
     Dual ascent on the assignment problem "min total distance, no code over capacity * N/K rows",
     over every code, on a seeded sample of PER_CODE * K rows: a code over its capacity gets
@@ -100,7 +100,7 @@ def calibrate_prices(
     dist = torch.cat([priced_scores(s[i : i + CHUNK], codebook, zero) for i in range(0, n, CHUNK)])
     near = dist[:4096].topk(min(8, k), dim=1, largest=False).values
     scale = float((near[:, -1] - near[:, 0]).median().clamp_min(1e-12))
-    cap = capacity * n / k  # loads over it are priced, loads under it are not
+    cap = (CAPACITY if capacity is None else capacity) * n / k  # loads over it are priced
     prices = torch.zeros(k, dtype=codebook.dtype) if start is None else start.clone()
     best, best_over = prices.clone(), float("inf")
     for t in range(steps):

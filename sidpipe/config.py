@@ -175,15 +175,12 @@ class TokenizerConfig(_Section):
         default=0.05, ge=0, lt=0.5, description="RQ-VAE: held out for early stopping."
     )
     patience: int = Field(default=10, ge=1, description="RQ-VAE: epochs without improvement.")
-    kmeans_iterations: int = Field(
-        default=25, ge=1, description="k-means iterations (per dimension step, see below)."
-    )
+    kmeans_iterations: int = Field(default=25, ge=1, description="Per k-means (or dimension step).")
     kmeans_dim_steps: int = Field(
         default=10,
         ge=1,
-        description="RQ-KMeans: each level's k-means runs on its rows' principal axes in this many "
-        "steps of more dimensions (faiss's progressive-dimension k-means, as its "
-        "ResidualQuantizer trains); 1: plain k-means on all dimensions at once.",
+        description="RQ-KMeans: k-means over the principal axes in this many steps of more "
+        "dimensions (as faiss's ResidualQuantizer trains); 1: plain k-means.",
     )
     refine_rounds: int = Field(
         default=3, ge=0, description="RQ-KMeans: coordinate-descent rounds after k-means."

@@ -34,8 +34,12 @@ def loads(codes: torch.Tensor, k: int) -> torch.Tensor:
 
 def test_zero_prices_are_plain_nearest_codeword():
     x, codebook = collapsing()
-    plain = torch.cdist(x, codebook).argmin(dim=1)
-    assert torch.equal(priced_nearest(x, codebook, torch.zeros(len(codebook))), plain)
+    dist = torch.cdist(x, codebook)
+    chosen = priced_nearest(x, codebook, torch.zeros(len(codebook)))
+    # Each row gets a nearest codeword; cdist and the matrix product round differently, so an
+    # exact near-tie may go either way (it did, about one run in five).
+    assert torch.allclose(dist.gather(1, chosen[:, None])[:, 0], dist.min(dim=1).values, atol=1e-6)
+    assert (chosen == dist.argmin(dim=1)).float().mean() > 0.999
 
 
 def test_prices_undo_a_collapsed_level():

@@ -107,7 +107,18 @@ def test_the_kmeans_dims_benchmark_compares_every_variant_on_every_seed(small, m
     x = np.asarray(bench.synthetic(600, 16), np.float32)
     monkeypatch.setattr(kmeans_dims, "beauty_embeddings", lambda: ([str(i) for i in range(600)], x))
     monkeypatch.setattr(kmeans_dims, "SIZES", [8, 8, 8])
+    from sidpipe.models import balance
+
+    seen = []
+    calibrate = balance.calibrate_prices
+    monkeypatch.setattr(
+        balance,
+        "calibrate_prices",
+        lambda *a, **k: seen.append(balance.CAPACITY) or calibrate(*a, **k),
+    )
     kmeans_dims.main()
+    assert {1.0, 2.0, 3.0} <= set(seen)  # each variant fitted at its own capacity
+    assert balance.CAPACITY == 3.0  # and the default is back afterwards
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "seed" not in line]
     assert len(rows) == 3 * len(kmeans_dims.VARIANTS)  # every variant, three seeds
