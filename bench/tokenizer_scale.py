@@ -97,7 +97,7 @@ def sample(x: np.memmap, size: int, seed: int = 0) -> np.ndarray:
 def run_method(method: str, x: np.memmap, fit_sample: int, settings: dict) -> dict:
     fit_x = sample(x, fit_sample)
     started = time.perf_counter()
-    encode, decode, rank = fit(method, fit_x, settings)
+    encode, decode, nearby = fit(method, fit_x, settings)
     fit_s = time.perf_counter() - started
     del fit_x
     codes = np.zeros((len(x), len(SIZES)), np.int32)
@@ -121,14 +121,14 @@ def run_method(method: str, x: np.memmap, fit_sample: int, settings: dict) -> di
         "cosine": cos_sum / len(x),
         "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
     }
-    return result | reassigned(x, codes, decode, rank)
+    return result | reassigned(x, codes, decode, nearby)
 
 
-def reassigned(x: np.memmap, codes: np.ndarray, decode, rank) -> dict:
-    """Distinct tuples and cosine after `collisions: reassign` (the pipeline's assign stage: an
-    item whose tuple is taken moves to the nearest last-level code whose tuple is free), and
-    its seconds; measured after the encoder's peak RSS is read, so that figure is the encoder's."""
-    if rank is None:
+def reassigned(x: np.memmap, codes: np.ndarray, decode, nearby) -> dict:
+    """Distinct tuples and cosine after `collisions: reassign` (the pipeline's assign stage: items
+    whose tuple another item keeps move to their nearest free tuple), and its seconds; measured
+    after the encoder's peak RSS is read, so that figure is the encoder's."""
+    if nearby is None:
         return {}
     from datetime import date
 
@@ -141,7 +141,7 @@ def reassigned(x: np.memmap, codes: np.ndarray, decode, rank) -> dict:
         codes,
         "t",
         date(2026, 1, 1),
-        last_level_ranking=lambda rows: rank(np.asarray(x[rows], np.float32)),
+        nearby=lambda rows, count: nearby(np.asarray(x[rows], np.float32), count),
     )
     seconds = time.perf_counter() - started
     moved = np.asarray(table["codes"].to_pylist(), np.int32)
@@ -166,7 +166,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def fit(method: str, x: np.ndarray, settings: dict):
-    """(encode, decode, last-level ranking or None) of `method` fitted on x (`settings`: more
+    """(encode, decode, nearby tuples or None) of `method` fitted on x (`settings`: more
     TokenizerConfig fields)."""
     if method == "faiss-rq":
         return (*fit_faiss_rq(x), None)
@@ -182,7 +182,7 @@ def fit(method: str, x: np.ndarray, settings: dict):
         **settings,
     )
     tokenizer, _ = fit_tokenizer(x, SIZES, config)
-    return tokenizer.encode, tokenizer.decode, tokenizer.last_level_ranking
+    return tokenizer.encode, tokenizer.decode, tokenizer.nearby_tuples
 
 
 def fit_faiss_rq(x: np.ndarray):

@@ -92,7 +92,7 @@ def sidpipe_rows(x, sizes, method, settings) -> list[dict]:
         codes,
         "t",
         date.today(),
-        last_level_ranking=lambda rows: tokenizer.last_level_ranking(x[rows]),
+        nearby=lambda rows, count: tokenizer.nearby_tuples(x[rows], count),
     )
     moved = np.asarray(reassigned["codes"].to_pylist(), np.int32)
     return [

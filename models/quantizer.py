@@ -147,3 +147,52 @@ class LevelQuantizer(nn.Module):
         """Move the `dead` codes onto residuals `pool[pick]` (dead-code restart)."""
         self.codebook.data[dead] = pool[pick]
         self.reset_ema(dead)
+
+
+def nearby_tuples(
+    head: np.ndarray, residual: np.ndarray, books: list[np.ndarray], count: int, beam: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each row's `count` lowest-error code tuples, ascending: its fixed leading codes (`head`,
+    [N, L - 2]) completed over the last two codebooks (`books`; one for a 1-level tokenizer),
+    with `residual` what the leading codes leave. Returns (tuples [N, count, L] int32, squared
+    errors [N, count]). The first of the two codebooks is searched over each row's `beam`
+    nearest codes, the last over all of them: a two-level beam search, for reassignment."""
+    tail, errors = _completions(np.ascontiguousarray(residual, np.float32), books, count, beam)
+    lead = np.broadcast_to(np.asarray(head)[:, None, :], (*tail.shape[:2], head.shape[1]))
+    return np.concatenate([lead.astype(np.int32), tail], axis=2), errors
+
+
+def _completions(
+    r: np.ndarray, books: list[np.ndarray], count: int, beam: int
+) -> tuple[np.ndarray, np.ndarray]:
+    last = books[-1]
+    if len(books) == 1:
+        errors = _squared_distances(r, last)
+        top = _smallest(errors, count)
+        return top[..., None].astype(np.int32), np.take_along_axis(errors, top, axis=1)
+    first = books[0]
+    near = _smallest(_squared_distances(r, first), beam)  # [N, B]
+    left = r[:, None, :] - first[near]  # [N, B, D]: what each candidate first code leaves
+    errors = _squared_distances(left.reshape(-1, r.shape[1]), last).reshape(len(r), -1)
+    top = _smallest(errors, count)  # [N, count] over B x K_last
+    pairs = np.stack(
+        [np.take_along_axis(near, top // last.shape[0], axis=1), top % last.shape[0]], axis=-1
+    )
+    return pairs.astype(np.int32), np.take_along_axis(errors, top, axis=1)
+
+
+def _smallest(values: np.ndarray, k: int) -> np.ndarray:
+    """Column indices of each row's k smallest values, ascending (ties by index)."""
+    k = min(k, values.shape[1])
+    if k < values.shape[1]:
+        part = np.argpartition(values, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(k), values.shape).copy()
+    order = np.lexsort((part, np.take_along_axis(values, part, axis=1)))
+    return np.take_along_axis(part, order, axis=1)
+
+
+def _squared_distances(v: np.ndarray, codebook: np.ndarray) -> np.ndarray:
+    """||v_i - c_k||^2 [N, K] (clipped at 0 against rounding)."""
+    d = (v**2).sum(1)[:, None] - 2 * v @ codebook.T + (codebook**2).sum(1)[None, :]
+    return np.maximum(d, 0)

@@ -26,7 +26,7 @@ from sidpipe.models.balance import (
     is_balanced,
     priced_nearest,
 )
-from sidpipe.models.quantizer import BALANCE_ROUNDS, kmeans
+from sidpipe.models.quantizer import BALANCE_ROUNDS, kmeans, nearby_tuples
 
 
 @dataclass
@@ -81,14 +81,18 @@ class RQKMeans:
             out += codebook[np.asarray(codes)[:, level]]
         return out
 
-    def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
-        """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
+    def nearby_tuples(
+        self, x: np.ndarray, count: int = 32, beam: int = 8
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each item's `count` lowest-error code tuples that keep its codes above the last two
+        levels, ascending: (tuples [N, count, L], squared errors [N, count]); no prices."""
         residual = np.ascontiguousarray(x, np.float32) - self.mean
-        for level, codebook in enumerate(self.codebooks[:-1]):
-            residual = residual - codebook[self._code(level, residual)]
-        return self._code(len(self.codebooks) - 1, residual, len(self.codebooks[-1])).astype(
-            np.int32
-        )
+        head = []
+        for level, codebook in enumerate(self.codebooks[:-2]):
+            head.append(self._code(level, residual))
+            residual = residual - codebook[head[-1]]
+        head_codes = np.stack(head, axis=1) if head else np.zeros((len(x), 0), np.int64)
+        return nearby_tuples(head_codes, residual, self.codebooks[-2:], count, beam)
 
     def reconstruction_cosine_by_depth(self, x: np.ndarray, batch_size: int = 65536) -> list[float]:
         sums = np.zeros(len(self.codebooks))

@@ -27,7 +27,7 @@ from torch import nn
 
 from sidpipe.config import TokenizerConfig
 from sidpipe.models.balance import PER_CODE, is_balanced, sample_rows
-from sidpipe.models.quantizer import LevelQuantizer
+from sidpipe.models.quantizer import LevelQuantizer, nearby_tuples
 
 EPOCH_CALIBRATION_STEPS = (
     10  # balanced: price steps after each epoch (the codewords moved a little)
@@ -180,13 +180,17 @@ class RQVAE(nn.Module):
 
     @torch.no_grad()
     @_single_threaded
-    def last_level_ranking(self, x: np.ndarray) -> np.ndarray:
-        """Last-level codes ordered from nearest to farthest, per item [N, K_last]."""
+    def nearby_tuples(
+        self, x: np.ndarray, count: int = 32, beam: int = 8
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Each item's `count` lowest-error code tuples that keep its codes above the last two
+        levels, ascending: (tuples [N, count, L], squared latent errors [N, count]); no prices."""
         self.eval()
         xb = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        _, _, residuals = self.quantize(self.encoder(self.standardize(xb)))
-        distances = self.quantizers[-1].distances(residuals[-1])
-        return distances.argsort(dim=1).to(torch.int32).numpy()
+        codes, _, residuals = self.quantize(self.encoder(self.standardize(xb)))
+        books = [q.codebook.detach().numpy() for q in self.quantizers[-2:]]
+        head = codes[:, : max(self.levels - 2, 0)].numpy()
+        return nearby_tuples(head, residuals[-len(books)].numpy(), books, count, beam)
 
     @torch.no_grad()
     @_single_threaded

@@ -5,8 +5,10 @@ Rules, against the catalog's last published SID table (`previous`):
   codes, suffix and `first_assigned` are copied, never re-derived;
 - a new or changed item keeps its old suffix and date if its codes came out unchanged, otherwise
   it takes the smallest free suffix of its code tuple;
-- with collision handling `reassign`, a new item that would collide first moves to the nearest
-  last-level code whose tuple is still free (capacity 1), and gets a suffix only if none is;
+- with collision handling `reassign`, of the new items that would share a tuple the one that
+  would lose most by moving keeps it (none, if a kept item holds it); the others, tuple by tuple
+  in item_id order, take their lowest-error free tuple among their nearby ones (the last two levels
+  re-searched, the levels above kept); an item gets a suffix only if none of those is free;
 - after a refit (another tokenizer than the previous table's) every item is encoded afresh, and
   `drift_report` says which share of items changed SID, per level.
 
@@ -27,6 +29,10 @@ from sidpipe.models.sids import sid_quality, sid_string
 from sidpipe.models.tokenizer import reconstruction_cosine
 from sidpipe.storage.layout import SID_SCHEMA
 
+# (rows, count) -> each row's `count` nearest tuples [len(rows), count, L] and their errors
+# [len(rows), count], lowest first (a tokenizer's `nearby_tuples` on those rows' embeddings)
+Nearby = Callable[[list[int], int], tuple[np.ndarray, np.ndarray]]
+
 
 def assign_sids(
     item_ids: list[str],
@@ -35,12 +41,13 @@ def assign_sids(
     run_date: date,
     item_hashes: list[str] | None = None,
     previous: pa.Table | None = None,
-    last_level_ranking: Callable[[list[int]], np.ndarray] | None = None,
+    nearby: Nearby | None = None,
 ) -> tuple[pa.Table, dict]:
     """The SID table for items with code tuples [N, L], and collision stats.
 
-    `previous` is the last published table; `last_level_ranking(rows)` (reassign mode) returns,
-    for those rows, their last-level codes from nearest to farthest.
+    `previous` is the last published table; `nearby(rows, count)` (reassign mode) returns, for
+    those rows, their `count` nearest tuples [len(rows), count, L] and reconstruction errors
+    [len(rows), count], lowest first (a tokenizer's `nearby_tuples`).
     """
     hashes = item_hashes or [None] * len(item_ids)
     prev: dict[str, dict] = {}
@@ -73,27 +80,9 @@ def assign_sids(
     newcomers.sort(key=lambda j: item_ids[j])
 
     reassigned = 0
-    if last_level_ranking is not None and newcomers:
-        # Capacity 1 per tuple: a newcomer whose tuple is occupied moves to the nearest free
-        # last-level code under the same prefix.
-        occupied = {t for t, s in taken.items() if s}
-        crowded = []
-        for i in newcomers:
-            t = tuple(codes[i].tolist())
-            if t in occupied:
-                crowded.append(i)
-            else:
-                occupied.add(t)
-        if crowded:
-            ranking = last_level_ranking(crowded)
-            for row, i in enumerate(crowded):
-                prefix = tuple(codes[i, :-1].tolist())
-                for code in ranking[row]:
-                    if prefix + (int(code),) not in occupied:
-                        codes[i, -1] = int(code)
-                        occupied.add(prefix + (int(code),))
-                        reassigned += 1
-                        break
+    if nearby is not None and newcomers:
+        held = {t for t, s in taken.items() if s}
+        reassigned = reassign(codes, newcomers, held, nearby)
     for i in newcomers:
         t = tuple(codes[i].tolist())
         free = next(s for s in itertools.count() if s not in taken[t])
@@ -121,6 +110,77 @@ def assign_sids(
         "encoded": int((~kept_exactly).sum()),
         "reassigned": reassigned,
     }
+
+
+def reassign(
+    codes: np.ndarray,
+    newcomers: list[int],
+    held: set[tuple[int, ...]],
+    nearby: Nearby,
+    batch_rows: int = 2048,
+    counts: tuple[int, int] = (32, 4096),
+) -> int:
+    """Move newcomers (in place) off tuples another item keeps, each to its lowest-error free
+    tuple from `nearby`; returns how many moved. Of the newcomers sharing a tuple that no `held`
+    (kept) item holds, the one that loses most by moving stays. Tuples are settled one at a time
+    in `newcomers`' order, from each item's `counts[0]` nearest tuples, then, for the few with
+    none of those free, from its `counts[1]` nearest."""
+    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
+    for i, t in zip(newcomers, map(tuple, codes[newcomers].tolist()), strict=True):
+        groups[t].append(i)
+    crowded = [(t, m) for t, m in groups.items() if len(m) > 1 or t in held]
+    occupied = held | set(groups)
+    moved, stuck = 0, []
+
+    def settle(i: int, options: np.ndarray) -> bool:
+        free = next((t for t in map(tuple, options.tolist()) if t not in occupied), None)
+        if free is not None:
+            codes[i] = free
+            occupied.add(free)
+        return free is not None
+
+    for batch in _whole_groups(crowded, batch_rows):
+        rows = [i for _, members in batch for i in members]
+        tuples, errors = nearby(rows, counts[0])
+        at = {i: k for k, i in enumerate(rows)}
+        for t, members in batch:
+            stays = None
+            if t not in held:
+                stays = max(members, key=lambda i: _loss_by_moving(tuples[at[i]], errors[at[i]], t))
+            for i in members:
+                if i == stays:
+                    continue
+                if settle(i, tuples[at[i]]):
+                    moved += 1
+                else:
+                    stuck.append(i)
+    for start in range(0, len(stuck), 64):
+        rows = stuck[start : start + 64]
+        tuples, _ = nearby(rows, counts[1])
+        moved += sum(settle(i, tuples[k]) for k, i in enumerate(rows))
+    return moved
+
+
+def _whole_groups(groups: list, rows: int):
+    """`groups` ((tuple, members) pairs) in runs of about `rows` members, never split."""
+    batch, size = [], 0
+    for group in groups:
+        batch.append(group)
+        size += len(group[1])
+        if size >= rows:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _loss_by_moving(tuples: np.ndarray, errors: np.ndarray, own: tuple[int, ...]) -> float:
+    """How much more error an item's best other tuple has than its own (`tuples`, `errors`: its
+    nearby tuples, lowest error first; its own is assumed the best if not among them)."""
+    mine = (tuples == np.asarray(own)).all(axis=1)
+    if mine.all():
+        return np.inf
+    return float(errors[~mine].min() - (errors[mine][0] if mine.any() else errors[0]))
 
 
 def drift_report(previous: pa.Table, current: pa.Table) -> dict:

@@ -67,15 +67,15 @@ def assign_stage(
     if previous_run is not None and "sids" in previous_run.files:
         previous = read_published_table(store, previous_run, "sids")
     hashes = dict(zip(items["item_id"].to_pylist(), items["item_hash"].to_pylist(), strict=True))
-    # The embeddings (for the collision rankings and the reconstruction report) are spilled to
-    # a local file and read a block at a time: never the whole N x D matrix at once.
+    # The embeddings (for reassignment's nearby tuples and the reconstruction report) are spilled
+    # to a local file and read a block at a time: never the whole N x D matrix at once.
     with stage_rows(store, run, embed, "embedding") as spill:
         x = spill.subset(keep)
-        ranking = None
+        nearby = None
         if config.collisions == "reassign":
 
-            def ranking(rows: list[int]) -> np.ndarray:
-                return tokenizer.last_level_ranking(x[rows])
+            def nearby(rows: list[int], count: int) -> tuple[np.ndarray, np.ndarray]:
+                return tokenizer.nearby_tuples(x[rows], count)
 
         table, stats = assign_sids(
             item_ids,
@@ -84,7 +84,7 @@ def assign_stage(
             run.run_date,
             [hashes[i] for i in item_ids],
             previous,
-            ranking,
+            nearby,
         )
 
         final_codes, quality = table_quality(

@@ -81,16 +81,14 @@ def tokenize_file(embeddings_uri: str, out_uri: str, config: TokenizerConfig) ->
         folder=TOKENIZER_FOLDER,
     )
     tokenizer, sizes = fitted.tokenizer, fitted.codebook_sizes
-    ranking = None
+    nearby = None
     if config.collisions == "reassign":
 
-        def ranking(rows):
-            return tokenizer.last_level_ranking(x[rows])
+        def nearby(rows, count):
+            return tokenizer.nearby_tuples(x[rows], count)
 
     codes = encode(tokenizer, x)
-    table, stats = assign_sids(
-        ids, codes, fitted.tokenizer_id, utcnow().date(), None, None, ranking
-    )
+    table, stats = assign_sids(ids, codes, fitted.tokenizer_id, utcnow().date(), None, None, nearby)
     final_codes, quality = table_quality(table, stats, tokenizer, x, sizes, config.collisions)
     quality |= {
         "tokenizer_id": fitted.tokenizer_id,

@@ -38,10 +38,10 @@ def test_a_method_fits_on_a_sample_and_encodes_everything(small, method):
     if method == "faiss-rq":  # the peer has no reassign step
         assert "reassign_distinct" not in row
         return
-    # `collisions: reassign` moves items to free tuples: more distinct, about the same cosine,
-    # and the moved items are counted.
-    assert row["reassign_distinct"] > row["distinct"] and row["reassign_moved"] > 0
-    assert abs(row["reassign_cosine_delta"]) < 0.05
+    # `collisions: reassign` moves items to free tuples: more distinct, a little cosine lost, and
+    # the moved items are counted. (3,000 items in 1,024 tuples: most move far, 0.05 lost.)
+    assert row["reassign_distinct"] > 5 * row["distinct"] and row["reassign_moved"] > 0
+    assert -0.1 < row["reassign_cosine_delta"] < 0
     assert "+ reassign" in bench.line(row)
 
 

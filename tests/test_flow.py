@@ -367,6 +367,40 @@ def test_rqkmeans_through_the_flow(tmp_path, small_catalog):
     assert result["counts"]["assigned"] == 120
 
 
+def test_reassign_through_the_flow_keeps_published_sids_and_spreads_new_items(tmp_path):
+    rows = sample_rows(200)
+    store_uri, store = str(tmp_path / "store"), ArtifactStore(str(tmp_path / "store"))
+    first = run_flow(
+        small_config(
+            store_uri,
+            str(write_catalog(tmp_path / "c1", rows[:120])),
+            method="rqkmeans",
+            codebook_sizes=[16, 4, 4],
+            collisions="reassign",
+        ),
+        date(2026, 11, 1),
+    )
+    quality = store.read_json(first["files"]["quality"]["path"])
+    assert quality["collisions"]["reassigned"] > 0
+    assert quality["distinct_tuple_rate"] > quality["collisions"]["before"]["distinct_tuple_rate"]
+    day2 = small_config(
+        store_uri,
+        str(write_catalog(tmp_path / "c2", rows)),
+        method="rqkmeans",
+        codebook_sizes=[16, 4, 4],
+        collisions="reassign",
+    )
+    day2.catalog.same_catalog = True
+    second = run_flow(day2, date(2026, 11, 2))
+    old = store.read_parquet(first["files"]["sids"]["path"]).to_pylist()
+    new = {r["item_id"]: r for r in store.read_parquet(second["files"]["sids"]["path"]).to_pylist()}
+    assert all(new[r["item_id"]] == r for r in old)  # published SIDs never move
+    sids = [r["sid"] for r in new.values()]
+    assert len(set(sids)) == 200  # and the 80 new items took free tuples or suffixes
+    tuples = [tuple(r["codes"]) for r in new.values()]
+    assert len(set(tuples)) > len({tuple(r["codes"]) for r in old})
+
+
 def test_items_whose_embedding_the_tokenizer_rejects_count_as_failed(
     tmp_path, small_catalog, monkeypatch
 ):

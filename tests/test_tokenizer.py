@@ -162,18 +162,70 @@ def test_unchanged_items_keep_their_row_byte_for_byte_even_if_encoding_differs()
     assert stats["kept_exactly"] == 1
 
 
-def test_reassign_moves_colliding_newcomers_to_the_nearest_free_last_code():
-    codes = np.array([[1, 5], [1, 5], [1, 5], [2, 0]])
+def nearby_table(options: dict[str, list[tuple[tuple[int, ...], float]]], ids: list[str]):
+    """A tokenizer's `nearby_tuples` over fixed per-item (tuple, error) lists (rows index ids)."""
 
-    def ranking(rows):
-        return np.array([[5, 6, 7, 0]] * len(rows))
+    def nearby(rows, count):
+        tuples = np.array([[t for t, _ in options[ids[r]][:count]] for r in rows], np.int32)
+        return tuples, np.array([[e for _, e in options[ids[r]][:count]] for r in rows], np.float32)
 
+    return nearby
+
+
+def test_reassign_keeps_the_item_that_loses_most_and_moves_the_rest_to_free_tuples():
+    ids = ["a", "b", "c", "d"]
+    codes = np.array([[1, 0], [1, 0], [1, 0], [2, 3]])
+    options = {  # "a" loses little by moving, "b" the most; "c" may leave the prefix
+        "a": [((1, 0), 1.0), ((1, 1), 2.0), ((2, 3), 2.5)],
+        "b": [((1, 0), 0.0), ((1, 1), 9.0), ((1, 2), 9.5)],
+        "c": [((1, 0), 0.5), ((2, 3), 0.7), ((1, 1), 4.0)],
+        "d": [((2, 3), 0.0), ((2, 2), 1.0), ((1, 0), 3.0)],
+    }
     table, stats = assign_sids(
-        ["a", "b", "c", "d"], codes, "tok", date(2026, 11, 1), last_level_ranking=ranking
+        ids, codes, "tok", date(2026, 11, 1), nearby=nearby_table(options, ids)
     )
     rows = {r["item_id"]: r for r in table.to_pylist()}
-    assert [rows[i]["codes"] for i in "abc"] == [[1, 5], [1, 6], [1, 7]]
-    assert all(rows[i]["suffix"] == 0 for i in "abcd") and stats["reassigned"] == 2
+    # "b" stays; "a" takes (1, 1); "c"'s other tuples are taken (by "d" and "a"), so it keeps
+    # its own with a suffix.
+    assert [rows[i]["codes"] for i in "abd"] == [[1, 1], [1, 0], [2, 3]]
+    assert rows["b"]["suffix"] == 0 and rows["c"]["codes"] == [1, 0] and rows["c"]["suffix"] == 1
+    assert stats["reassigned"] == 1
+
+
+def test_reassign_never_takes_a_kept_items_tuple():
+    first, _ = assign_sids(["z"], np.array([[1, 1]]), "tok", date(2026, 11, 1), item_hashes=["h"])
+    ids = ["z", "a", "b"]
+    options = {i: [((1, 1), 0.0), ((1, 2), 1.0), ((3, 0), 2.0)] for i in ids}
+    table, stats = assign_sids(
+        ids,
+        np.array([[1, 1], [1, 1], [1, 2]]),
+        "tok",
+        date(2026, 11, 2),
+        item_hashes=["h", "ha", "hb"],
+        previous=first,
+        nearby=nearby_table(options, ids),
+    )
+    rows = {r["item_id"]: r for r in table.to_pylist()}
+    assert rows["z"]["codes"] == [1, 1] and rows["z"]["suffix"] == 0  # kept exactly
+    # "a" must leave (1, 1); (1, 2) is "b"'s, so it takes (3, 0).
+    assert rows["a"]["codes"] == [3, 0] and rows["b"]["codes"] == [1, 2]
+    assert all(rows[i]["suffix"] == 0 for i in ids) and stats["reassigned"] == 1
+
+
+def test_nearby_tuples_are_the_lowest_error_completions():
+    from sidpipe.models.quantizer import nearby_tuples
+
+    rng = np.random.default_rng(0)
+    first, last = rng.standard_normal((12, 6)), rng.standard_normal((10, 6))
+    residual, head = rng.standard_normal((4, 6)), np.array([[7], [7], [8], [9]])
+    tuples, errors = nearby_tuples(head, residual, [first, last], count=5, beam=12)
+    brute = ((residual[:, None, None] - first[None, :, None] - last[None, None]) ** 2).sum(-1)
+    assert tuples.shape == (4, 5, 3) and (tuples[:, :, 0] == head).all()
+    assert np.allclose(errors, np.sort(brute.reshape(4, -1), axis=1)[:, :5], atol=1e-4)
+    picked = brute[np.arange(4)[:, None], tuples[:, :, 1], tuples[:, :, 2]]
+    assert np.allclose(picked, errors, atol=1e-4)
+    narrow, _ = nearby_tuples(head, residual, [first, last], count=5, beam=1)
+    assert (narrow[:, :, 1] == narrow[:, :1, 1]).all()  # beam 1: the second level is fixed
 
 
 def test_drift_report_counts_changed_sids_per_level():
@@ -201,8 +253,10 @@ def test_rqkmeans_fits_encodes_and_roundtrips():
     assert cos[0] < cos[-1]
     weights, config = save_tokenizer(model)
     assert np.array_equal(load_tokenizer_state(weights, config).encode(x), codes)
-    ranking = model.last_level_ranking(x[:5])
-    assert ranking.shape == (5, 8) and (ranking[:, 0] == codes[:5, 2]).all()
+    tuples, errors = model.nearby_tuples(x[:5])
+    rebuilt = model.decode(tuples.reshape(-1, 3)).reshape(5, tuples.shape[1], -1)
+    assert tuples.shape == (5, 32, 3) and (tuples[:, :, 0] == codes[:5, None, 0]).all()
+    assert np.allclose(errors, ((x[:5, None] - rebuilt) ** 2).sum(-1), rtol=1e-3, atol=1e-4)
     assert report["kmeans_dim_steps"] == 10  # progressive-dimension k-means, the default
 
 
