@@ -93,6 +93,7 @@ def sidpipe_rows(x, sizes, method, settings) -> list[dict]:
         "t",
         date.today(),
         nearby=lambda rows, count: tokenizer.nearby_tuples(x[rows], count),
+        max_loss=cfg.reassign_max_loss,
     )
     moved = np.asarray(reassigned["codes"].to_pylist(), np.int32)
     return [

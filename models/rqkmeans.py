@@ -85,14 +85,17 @@ class RQKMeans:
         self, x: np.ndarray, count: int = 32, beam: int = 8
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each item's `count` lowest-error code tuples that keep its codes above the last two
-        levels, ascending: (tuples [N, count, L], squared errors [N, count]); no prices."""
+        levels, ascending: (tuples [N, count, L], squared errors [N, count] as a share of the
+        item's squared centred norm); no prices."""
         residual = np.ascontiguousarray(x, np.float32) - self.mean
+        scale = np.maximum((residual**2).sum(axis=1, keepdims=True), 1e-12)
         head = []
         for level, codebook in enumerate(self.codebooks[:-2]):
             head.append(self._code(level, residual))
             residual = residual - codebook[head[-1]]
         head_codes = np.stack(head, axis=1) if head else np.zeros((len(x), 0), np.int64)
-        return nearby_tuples(head_codes, residual, self.codebooks[-2:], count, beam)
+        tuples, errors = nearby_tuples(head_codes, residual, self.codebooks[-2:], count, beam)
+        return tuples, errors / scale
 
     def reconstruction_cosine_by_depth(self, x: np.ndarray, batch_size: int = 65536) -> list[float]:
         sums = np.zeros(len(self.codebooks))

@@ -184,13 +184,16 @@ class RQVAE(nn.Module):
         self, x: np.ndarray, count: int = 32, beam: int = 8
     ) -> tuple[np.ndarray, np.ndarray]:
         """Each item's `count` lowest-error code tuples that keep its codes above the last two
-        levels, ascending: (tuples [N, count, L], squared latent errors [N, count]); no prices."""
+        levels, ascending: (tuples [N, count, L], squared latent errors [N, count] as a share of
+        the item's squared latent norm); no prices."""
         self.eval()
         xb = torch.from_numpy(np.ascontiguousarray(x, np.float32))
-        codes, _, residuals = self.quantize(self.encoder(self.standardize(xb)))
+        z = self.encoder(self.standardize(xb))
+        codes, _, residuals = self.quantize(z)
         books = [q.codebook.detach().numpy() for q in self.quantizers[-2:]]
         head = codes[:, : max(self.levels - 2, 0)].numpy()
-        return nearby_tuples(head, residuals[-len(books)].numpy(), books, count, beam)
+        tuples, errors = nearby_tuples(head, residuals[-len(books)].numpy(), books, count, beam)
+        return tuples, errors / np.maximum((z**2).sum(1, keepdim=True).numpy(), 1e-12)
 
     @torch.no_grad()
     @_single_threaded

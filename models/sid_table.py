@@ -8,7 +8,8 @@ Rules, against the catalog's last published SID table (`previous`):
 - with collision handling `reassign`, of the new items that would share a tuple the one that
   would lose most by moving keeps it (none, if a kept item holds it); the others, tuple by tuple
   in item_id order, take their lowest-error free tuple among their nearby ones (the last two levels
-  re-searched, the levels above kept); an item gets a suffix only if none of those is free;
+  re-searched, the levels above kept) if it costs them at most `max_loss` more squared error (as
+  a share of the item's squared norm); an item gets a suffix if no free tuple is that close;
 - after a refit (another tokenizer than the previous table's) every item is encoded afresh, and
   `drift_report` says which share of items changed SID, per level.
 
@@ -42,12 +43,14 @@ def assign_sids(
     item_hashes: list[str] | None = None,
     previous: pa.Table | None = None,
     nearby: Nearby | None = None,
+    max_loss: float | None = None,
 ) -> tuple[pa.Table, dict]:
     """The SID table for items with code tuples [N, L], and collision stats.
 
     `previous` is the last published table; `nearby(rows, count)` (reassign mode) returns, for
     those rows, their `count` nearest tuples [len(rows), count, L] and reconstruction errors
-    [len(rows), count], lowest first (a tokenizer's `nearby_tuples`).
+    [len(rows), count], lowest first (a tokenizer's `nearby_tuples`); a move may add at most
+    `max_loss` to an item's error (None: any move to a free tuple).
     """
     hashes = item_hashes or [None] * len(item_ids)
     prev: dict[str, dict] = {}
@@ -79,10 +82,10 @@ def assign_sids(
             newcomers.append(i)
     newcomers.sort(key=lambda j: item_ids[j])
 
-    reassigned = 0
+    reassigned, declined = 0, 0
     if nearby is not None and newcomers:
         held = {t for t, s in taken.items() if s}
-        reassigned = reassign(codes, newcomers, held, nearby)
+        reassigned, declined = reassign(codes, newcomers, held, nearby, max_loss)
     for i in newcomers:
         t = tuple(codes[i].tolist())
         free = next(s for s in itertools.count() if s not in taken[t])
@@ -109,6 +112,7 @@ def assign_sids(
         "kept_exactly": int(kept_exactly.sum()),
         "encoded": int((~kept_exactly).sum()),
         "reassigned": reassigned,
+        "reassign_declined": declined,
     }
 
 
@@ -117,27 +121,36 @@ def reassign(
     newcomers: list[int],
     held: set[tuple[int, ...]],
     nearby: Nearby,
+    max_loss: float | None = None,
     batch_rows: int = 2048,
     counts: tuple[int, int] = (32, 4096),
-) -> int:
+) -> tuple[int, int]:
     """Move newcomers (in place) off tuples another item keeps, each to its lowest-error free
-    tuple from `nearby`; returns how many moved. Of the newcomers sharing a tuple that no `held`
-    (kept) item holds, the one that loses most by moving stays. Tuples are settled one at a time
-    in `newcomers`' order, from each item's `counts[0]` nearest tuples, then, for the few with
-    none of those free, from its `counts[1]` nearest."""
+    tuple from `nearby` if that adds at most `max_loss` to its error; returns how many moved and
+    how many stayed because their nearest free tuple cost more. Of the newcomers sharing a tuple
+    that no `held` (kept) item holds, the one that loses most by moving stays. Tuples are settled
+    one at a time in `newcomers`' order, from each item's `counts[0]` nearest tuples, then, for
+    the few with none of those free, from its `counts[1]` nearest."""
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, t in zip(newcomers, map(tuple, codes[newcomers].tolist()), strict=True):
         groups[t].append(i)
     crowded = [(t, m) for t, m in groups.items() if len(m) > 1 or t in held]
     occupied = held | set(groups)
-    moved, stuck = 0, []
+    limit = np.inf if max_loss is None else max_loss
+    moved, declined, stuck = 0, 0, []
 
-    def settle(i: int, options: np.ndarray) -> bool:
-        free = next((t for t in map(tuple, options.tolist()) if t not in occupied), None)
-        if free is not None:
-            codes[i] = free
-            occupied.add(free)
-        return free is not None
+    def settle(i: int, tuples: np.ndarray, errors: np.ndarray) -> bool | None:
+        """Move item i to its first free tuple if that is close enough: True moved, False
+        declined (too far), None (none of these tuples is free)."""
+        own = _own_error(tuples, errors, tuple(codes[i].tolist()))
+        for t, error in zip(map(tuple, tuples.tolist()), errors.tolist(), strict=True):
+            if t not in occupied:
+                if error - own > limit:
+                    return False
+                codes[i] = t
+                occupied.add(t)
+                return True
+        return None
 
     for batch in _whole_groups(crowded, batch_rows):
         rows = [i for _, members in batch for i in members]
@@ -150,15 +163,17 @@ def reassign(
             for i in members:
                 if i == stays:
                     continue
-                if settle(i, tuples[at[i]]):
-                    moved += 1
-                else:
+                done = settle(i, tuples[at[i]], errors[at[i]])
+                if done is None:
                     stuck.append(i)
+                moved, declined = moved + (done is True), declined + (done is False)
     for start in range(0, len(stuck), 64):
         rows = stuck[start : start + 64]
-        tuples, _ = nearby(rows, counts[1])
-        moved += sum(settle(i, tuples[k]) for k, i in enumerate(rows))
-    return moved
+        tuples, errors = nearby(rows, counts[1])
+        for k, i in enumerate(rows):
+            done = settle(i, tuples[k], errors[k])
+            moved, declined = moved + (done is True), declined + (done is not True)
+    return moved, declined
 
 
 def _whole_groups(groups: list, rows: int):
@@ -174,13 +189,19 @@ def _whole_groups(groups: list, rows: int):
         yield batch
 
 
+def _own_error(tuples: np.ndarray, errors: np.ndarray, own: tuple[int, ...]) -> float:
+    """An item's error on its own tuple (`tuples`, `errors`: its nearby tuples, lowest error
+    first; its own is taken as the best if not among them)."""
+    mine = (tuples == np.asarray(own)).all(axis=1)
+    return float(errors[mine][0] if mine.any() else errors[0])
+
+
 def _loss_by_moving(tuples: np.ndarray, errors: np.ndarray, own: tuple[int, ...]) -> float:
-    """How much more error an item's best other tuple has than its own (`tuples`, `errors`: its
-    nearby tuples, lowest error first; its own is assumed the best if not among them)."""
+    """How much more error an item's best other tuple has than its own."""
     mine = (tuples == np.asarray(own)).all(axis=1)
     if mine.all():
         return np.inf
-    return float(errors[~mine].min() - (errors[mine][0] if mine.any() else errors[0]))
+    return float(errors[~mine].min() - _own_error(tuples, errors, own))
 
 
 def drift_report(previous: pa.Table, current: pa.Table) -> dict:
@@ -231,6 +252,7 @@ def table_quality(
                 for k in ("distinct_tuple_rate", "unique_item_rate", "max_bucket", "bucket_gini")
             },
             "reassigned": stats["reassigned"],
+            "reassign_declined": stats["reassign_declined"],
         },
         "max_suffix": int(suffixes.max()) if len(suffixes) else 0,
         "items_with_suffix": int((suffixes > 0).sum()),

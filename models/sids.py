@@ -141,7 +141,12 @@ def quality_markdown(quality: dict) -> str:
             f"- collision handling `{collisions['mode']}`: distinct tuples "
             f"{b['distinct_tuple_rate']:.1%} before -> {quality['distinct_tuple_rate']:.1%} after; "
             f"largest bucket {b['max_bucket']} -> {quality['max_bucket']}; "
-            f"{collisions['reassigned']:,} items moved to a free last-level code"
+            f"{collisions['reassigned']:,} items moved to a free nearby tuple"
+            + (
+                f", {collisions['reassign_declined']:,} kept a suffix (no free tuple close enough)"
+                if collisions.get("reassign_declined")
+                else ""
+            )
         )
     if "kept_from_previous_run" in quality:
         lines.append(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, field_serializer, field_validator
+from pydantic import Field, SecretStr, field_serializer
 from pydantic_settings import (
     BaseSettings,
     EnvSettingsSource,
@@ -27,6 +27,7 @@ from pydantic_settings import (
 from sidpipe.catalog_config import CatalogConfig, _Section
 from sidpipe.errors import ConfigError
 from sidpipe.redact import redact_urls
+from sidpipe.tokenizer_config import TokenizerConfig
 
 
 class ModelEndpointConfig(_Section):
@@ -110,110 +111,6 @@ class EmbedConfig(ModelEndpointConfig):
     )
     max_pixels: int = Field(default=1003520, ge=784)
     max_image_bytes: int = Field(default=20_000_000, ge=1)
-
-
-class TokenizerConfig(_Section):
-    """The SID tokenizer: method, residual levels and their codebook sizes, training knobs,
-    lifecycle (refit) and quality gates."""
-
-    method: Literal["rqvae", "rqkmeans"] = Field(
-        default="rqvae", description="rqvae (trained) or rqkmeans (residual k-means, no training)."
-    )
-    refit: bool = Field(
-        default=False,
-        description="Fit a new tokenizer version and pin it, with a drift report, instead of "
-        "encoding with the pinned one.",
-    )
-    collisions: Literal["suffix", "reassign"] = Field(
-        default="suffix",
-        description="suffix: TIGER's extra token; reassign: move colliding new items to the "
-        "nearest free code of the last level first (suffix only if none is free).",
-    )
-    min_level1_utilization: float = Field(
-        default=0.5, ge=0, le=1, description="Quality gate: a fit using fewer level-1 codes fails."
-    )
-    min_distinct_tuple_rate: float = Field(
-        default=0.0, ge=0, le=1, description="Quality gate on distinct code tuples per item."
-    )
-    warn_distinct_tuple_rate: float = Field(
-        default=0.6,
-        ge=0,
-        le=1,
-        description="Warn (run summary, manifest, quality report) while fewer items than this "
-        "share have a code tuple of their own before the collision suffix.",
-    )
-    warn_max_bucket: int = Field(
-        default=10,
-        ge=1,
-        description="Warn while more items than this share one code tuple (the suffix then "
-        "carries their identity).",
-    )
-
-    codebook_sizes: list[int] = Field(
-        default=[4096, 2048, 1024],
-        description="Codes per level (TriAlignGR: 4096/2048/1024).",
-    )
-    small_catalog: Literal["shrink", "refuse"] = Field(
-        default="shrink",
-        description="When the catalog cannot fill the codebooks: shrink them, or refuse to fit.",
-    )
-    min_points_per_code: int = Field(
-        default=39, ge=1, description="Items per code required at each level (faiss: 39)."
-    )
-    hidden_dims: list[int] = Field(default=[512, 256])
-    latent_dim: int = Field(default=64, ge=2)
-    epochs: int = Field(default=60, ge=0, description="RQ-VAE: most epochs (early stopping).")
-    batch_size: int = Field(default=1024, ge=1)
-    learning_rate: float = Field(default=3e-3, gt=0)
-    commitment_weight: float = Field(default=0.25, ge=0)
-    codebook_update: Literal["gradient", "ema"] = Field(
-        default="gradient",
-        description="RQ-VAE codebooks: learned by their loss, or moving averages (EMA).",
-    )
-    ema_decay: float = Field(default=0.99, gt=0, lt=1)
-    validation_share: float = Field(
-        default=0.05, ge=0, lt=0.5, description="RQ-VAE: held out for early stopping."
-    )
-    patience: int = Field(default=10, ge=1, description="RQ-VAE: epochs without improvement.")
-    kmeans_iterations: int = Field(default=25, ge=1, description="Per k-means (or dimension step).")
-    kmeans_dim_steps: int = Field(
-        default=10,
-        ge=1,
-        description="RQ-KMeans: k-means over the principal axes in this many steps of more "
-        "dimensions (as faiss's ResidualQuantizer trains); 1: plain k-means.",
-    )
-    refine_rounds: int = Field(
-        default=3, ge=0, description="RQ-KMeans: coordinate-descent rounds after k-means."
-    )
-    balanced_codes: bool | None = Field(
-        default=None,
-        description="Balanced code assignment below the first level (per-code prices fitted so "
-        "codes share items evenly; saved with the tokenizer): keeps deep levels from collapsing. "
-        "None: on for rqkmeans, off for rqvae (where each measured better on Amazon Beauty).",
-    )
-    fit_sample_size: int | None = Field(
-        default=None,
-        ge=1,
-        description="Fit on a seeded sample of this many items (none: all); every item is "
-        "encoded either way.",
-    )
-    seed: int = 42
-
-    @property
-    def balanced(self) -> bool:
-        """Whether this fit balances its codes (`balanced_codes`, or the method's default)."""
-        if self.balanced_codes is None:
-            return self.method == "rqkmeans"
-        return self.balanced_codes
-
-    @field_validator("codebook_sizes")
-    @classmethod
-    def _positive_sizes(cls, sizes: list[int]) -> list[int]:
-        if not sizes or any(s < 2 for s in sizes):
-            raise ValueError("codebook_sizes needs at least one level, each with >= 2 codes")
-        if len(sizes) > 25:
-            raise ValueError("at most 25 levels (one token letter each, plus the suffix)")
-        return sizes
 
 
 class OrchestrationConfig(_Section):

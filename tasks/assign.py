@@ -85,6 +85,7 @@ def assign_stage(
             [hashes[i] for i in item_ids],
             previous,
             nearby,
+            config.reassign_max_loss,
         )
 
         final_codes, quality = table_quality(

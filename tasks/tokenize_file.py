@@ -88,7 +88,16 @@ def tokenize_file(embeddings_uri: str, out_uri: str, config: TokenizerConfig) ->
             return tokenizer.nearby_tuples(x[rows], count)
 
     codes = encode(tokenizer, x)
-    table, stats = assign_sids(ids, codes, fitted.tokenizer_id, utcnow().date(), None, None, nearby)
+    table, stats = assign_sids(
+        ids,
+        codes,
+        fitted.tokenizer_id,
+        utcnow().date(),
+        None,
+        None,
+        nearby,
+        config.reassign_max_loss,
+    )
     final_codes, quality = table_quality(table, stats, tokenizer, x, sizes, config.collisions)
     quality |= {
         "tokenizer_id": fitted.tokenizer_id,
