@@ -125,8 +125,8 @@ def run_method(method: str, x: np.memmap, fit_sample: int, settings: dict) -> di
         return result
     from sidpipe.config import TokenizerConfig
 
-    limit = TokenizerConfig(**settings).reassign_max_loss
-    return result | {"reassign": [reassigned(x, codes, decode, nearby, m) for m in (limit, None)]}
+    cap = TokenizerConfig(**settings).reassign_max_loss or 0.02  # and without one, the default
+    return result | {"reassign": [reassigned(x, codes, decode, nearby, m) for m in (cap, None)]}
 
 
 def reassigned(x: np.memmap, codes: np.ndarray, decode, nearby, max_loss: float | None) -> dict:

@@ -30,10 +30,11 @@ class TokenizerConfig(_Section):
         "lowest-error free tuple (last two levels re-searched; suffix if none is close enough).",
     )
     reassign_max_loss: float | None = Field(
-        default=0.02,
+        default=None,
         ge=0,
         description="reassign: the most a move may add to an item's squared reconstruction "
-        "error, as a share of its squared norm; a costlier item keeps a suffix (null: no limit).",
+        "error, as a share of its squared norm (e.g. 0.02); a costlier item keeps a suffix "
+        "(none: every item that has a free nearby tuple moves).",
     )
     min_level1_utilization: float = Field(
         default=0.5, ge=0, le=1, description="Quality gate: a fit using fewer level-1 codes fails."

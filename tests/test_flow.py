@@ -377,7 +377,6 @@ def test_reassign_through_the_flow_keeps_published_sids_and_spreads_new_items(tm
             method="rqkmeans",
             codebook_sizes=[16, 4, 4],
             collisions="reassign",
-            reassign_max_loss=None,  # 16 x 4 x 4 codes: every free tuple is far, move anyway
         ),
         date(2026, 11, 1),
     )
@@ -390,7 +389,6 @@ def test_reassign_through_the_flow_keeps_published_sids_and_spreads_new_items(tm
         method="rqkmeans",
         codebook_sizes=[16, 4, 4],
         collisions="reassign",
-        reassign_max_loss=None,
     )
     day2.catalog.same_catalog = True
     second = run_flow(day2, date(2026, 11, 2))
