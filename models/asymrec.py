@@ -18,8 +18,10 @@
   predicts every view's codes in parallel (a softmax over each level's codebook), and an item's
   score is the sum of its codes' logits, i.e. h . (sum of its code embeddings). Ranking scores
   every catalog item this way, so every returned item exists, and the ranking is exact. An item
-  no training sequence held (a cold item) is ranked by its content view's codes alone
-  (`unseen_items: content`): its collaborative codes were guessed from content and never trained.
+  no training sequence held (a cold item) has codes, but codes no training target trained as
+  its own: it is ranked by the output embeddings of its `unseen_neighbours` nearest seen items
+  by content cosine, softmax-weighted (`unseen_items: neighbours`), or by its content view's
+  codes alone (`content`), or by all its codes (`codes`).
 - **Loss**: `code_loss_weight` x the mean cross-entropy of the target's code at every view and
   level, plus `item_loss_weight` x the cross-entropy of the target among all items scored by
   their codes; at every position of SASRec's training windows.
@@ -43,6 +45,7 @@ from sidpipe.models.recommender import RecData
 from sidpipe.models.sasrec import CausalEncoder, SequenceScorer
 
 log = logging.getLogger(__name__)
+NEIGHBOUR_TEMPERATURE = 0.05  # softmax over cosines of an unseen item's nearest seen items
 View = Literal["content", "collaborative"]
 
 
@@ -71,13 +74,15 @@ class AsymRecConfig(BaseModel):
     collaborative_dim: int = Field(default=64, ge=2, description="PPMI-SVD dimensions.")
     semantic_weight: float = Field(default=1.0, ge=0, description="Semantic regularizer.")
     quantizer_steps: int = Field(default=1000, ge=1, description="MHQ fitting steps per view.")
-    unseen_items: Literal["codes", "content"] = Field(
-        default="content",
+    unseen_items: Literal["neighbours", "content", "codes"] = Field(
+        default="neighbours",
         description=(
-            "Ranking an item no training sequence held: by all its codes, or by its content"
-            " view's codes only (scaled to as many views), which its warm neighbours trained."
+            "Ranking an item no training sequence held: by its nearest seen items' output"
+            " embeddings (content cosine, softmax-weighted), by its content view's codes only"
+            " (scaled to as many views), or by all its codes."
         ),
     )
+    unseen_neighbours: int = Field(default=5, ge=1, description="unseen_items: neighbours.")
     item_loss_weight: float = Field(default=1.0, ge=0)
     code_loss_weight: float = Field(default=1.0, ge=0)
     seed: int = Field(default=42, description="Seed of the MHQ fit.")
@@ -101,6 +106,9 @@ class AsymRecNet(CausalEncoder):
         self.register_buffer("content", torch.cat([torch.zeros(1, x.shape[1]), x]))  # 0: padding
         self.register_buffer("codes", torch.from_numpy(np.asarray(codes, np.int64)))
         self.register_buffer("unseen", torch.zeros(len(codes), dtype=torch.bool))
+        # unseen_items: neighbours (derived from the data when the model is built, not saved)
+        self.register_buffer("neighbour_index", torch.zeros(0, 1, dtype=torch.long), False)
+        self.register_buffer("neighbour_weight", torch.zeros(0, 1), False)
         self.sizes = list(sizes)
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         self.register_buffer("offsets", torch.from_numpy(starts.astype(np.int64)))
@@ -146,14 +154,36 @@ class AsymRecNet(CausalEncoder):
             loss = loss + self.config.code_loss_weight * torch.stack(per_level).mean()
         return loss
 
+    def mark_unseen(self, unseen: np.ndarray, embeddings: np.ndarray, rows: int = 1024) -> None:
+        """Note the items no training sequence held and (`unseen_items: neighbours`) each one's
+        nearest seen items by cosine of their content `embeddings`, with softmax weights."""
+        self.unseen.copy_(torch.from_numpy(unseen))
+        k = min(self.config.unseen_neighbours, int((~unseen).sum()))
+        if self.config.unseen_items != "neighbours" or not unseen.any() or k == 0:
+            return
+        x = F.normalize(torch.from_numpy(np.asarray(embeddings, np.float32)), dim=1)
+        seen, cold = torch.from_numpy(np.flatnonzero(~unseen)), np.flatnonzero(unseen)
+        index, weight = torch.zeros(len(unseen), k, dtype=torch.long), torch.zeros(len(unseen), k)
+        for start in range(0, len(cold), rows):
+            at = torch.from_numpy(cold[start : start + rows])
+            top = (x[at] @ x[seen].T).topk(k, dim=1)
+            index[at] = seen[top.indices]
+            weight[at] = torch.softmax(top.values / NEIGHBOUR_TEMPERATURE, dim=1)
+        self.neighbour_index, self.neighbour_weight = index, weight
+
     def ranking_embeddings(self) -> torch.Tensor:
-        """What items are ranked by: `item_embeddings`, except (`unseen_items: content`) an
-        item no training sequence held is scored by its content view's codes alone."""
+        """What items are ranked by: `item_embeddings`, except for items no training sequence
+        held (`unseen_items`): their nearest seen items' embeddings, or their content codes."""
         table = self.item_embeddings()
         views = self.config.views
-        if self.config.targets != "mhq" or self.config.unseen_items != "content":
+        if not self.unseen.any() or self.config.unseen_items == "codes":
             return table
-        if "content" not in views or not self.unseen.any():
+        if self.config.unseen_items == "neighbours":
+            if not len(self.neighbour_index):
+                return table
+            borrowed = (self.neighbour_weight.unsqueeze(-1) * table[self.neighbour_index]).sum(1)
+            return torch.where(self.unseen[:, None], borrowed, table)
+        if self.config.targets != "mhq" or "content" not in views:
             return table
         first = views.index("content") * self.config.levels
         columns = (
@@ -200,7 +230,7 @@ class AsymRecRecommender(SequenceScorer):
         seen = np.zeros(data.n_items, bool)
         for seq in data.sequences:
             seen[seq[:-2]] = True  # the training parts
-        self.module.unseen.copy_(torch.from_numpy(~seen))
+        self.module.mark_unseen(~seen, data.embeddings)
 
     def summary(self) -> dict:
         return {

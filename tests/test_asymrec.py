@@ -69,10 +69,31 @@ def test_msp_mixes_experts_by_a_router_and_one_expert_is_a_plain_projection():
         assert torch.isfinite(loss) and net.experts.weight.grad.abs().sum() > 0
 
 
+def test_an_item_no_training_sequence_held_borrows_its_nearest_seen_items_embeddings():
+    content = np.random.default_rng(2).standard_normal((30, 12)).astype(np.float32)
+    content[3] = 2 * content[10]  # the same direction: item 10 is item 3's nearest by cosine
+    codes = np.random.default_rng(3).integers(0, 4, (30, 6))
+    net = AsymRecNet(content, codes, [4] * 6, AsymRecConfig(d_model=16, levels=3), 5)
+    trained = net.ranking_embeddings()
+    unseen = np.zeros(30, bool)
+    unseen[[3, 7]] = True
+    net.mark_unseen(unseen, content)
+    ranked = net.ranking_embeddings()
+    warm = [i for i in range(30) if i not in (3, 7)]
+    assert torch.equal(ranked[warm], trained[warm])
+    assert not set(net.neighbour_index[[3, 7]].flatten().tolist()) & {3, 7}  # seen items only
+    assert torch.allclose(net.neighbour_weight[[3, 7]].sum(1), torch.ones(2))
+    assert net.neighbour_index[3, 0] == 10 and net.neighbour_weight[3, 0] > 0.99
+    assert torch.allclose(ranked[3], trained[10], atol=1e-3)
+    expected = (net.neighbour_weight[7, :, None] * trained[net.neighbour_index[7]]).sum(0)
+    assert torch.allclose(ranked[7], expected)
+
+
 def test_an_item_no_training_sequence_held_is_ranked_by_its_content_codes():
     content = np.random.default_rng(2).standard_normal((30, 12)).astype(np.float32)
     codes = np.random.default_rng(3).integers(0, 4, (30, 6))  # content view, then collaborative
-    net = AsymRecNet(content, codes, [4] * 6, AsymRecConfig(d_model=16, levels=3), 5)
+    config = AsymRecConfig(d_model=16, levels=3, unseen_items="content")
+    net = AsymRecNet(content, codes, [4] * 6, config, 5)
     trained = net.ranking_embeddings()
     net.unseen[[3, 7]] = True
     ranked = net.ranking_embeddings()
