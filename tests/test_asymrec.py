@@ -4,6 +4,7 @@ metrics anyone can recompute from predictions.parquet."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -205,6 +206,21 @@ def test_five_models_one_run_with_metrics_recomputable_from_predictions(beauty_s
         assert png.read(8) == b"\x89PNG\r\n\x1a\n"
     assert (run_dir / "asymrec" / "model.safetensors").exists()
     assert "asymrec-no-mhq" in result.output and "cold" in result.output
+    # scripts/asymrec_unseen.py rescores the saved checkpoint: its `neighbours` test ranks (the
+    # default) are the run's own, and the other ways rank only cold targets differently.
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from scripts.asymrec_unseen import WAYS, rescore
+    from sidpipe.storage.store import ArtifactStore
+
+    rescored = rescore(ArtifactStore(beauty_slice["store"]), run_dir.name)
+    test = {r["way"]: r for r in rescored if r["split"] == "test"}
+    assert set(test) == set(WAYS) and len(rescored) == 2 * len(WAYS)
+    rows = [i for i, name in enumerate(table["model"]) if name == "asymrec"]
+    assert np.array_equal(test["neighbours"]["ranks"], [table["rank"][i] for i in rows])
+    assert test["neighbours"]["recall@10"] == pytest.approx(
+        metrics["models"]["asymrec"]["recall@10"]
+    )
+    assert test["content x3"]["cold_median_rank"] <= test["content x1"]["cold_median_rank"]
 
 
 def test_an_unknown_model_or_missing_embeddings_is_one_line(beauty_slice):
