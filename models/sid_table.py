@@ -127,10 +127,11 @@ def reassign(
 ) -> tuple[int, int]:
     """Move newcomers (in place) off tuples another item keeps, each to its lowest-error free
     tuple from `nearby` if that adds at most `max_loss` to its error; returns how many moved and
-    how many stayed because their nearest free tuple cost more. Of the newcomers sharing a tuple
-    that no `held` (kept) item holds, the one that loses most by moving stays. Tuples are settled
-    one at a time in `newcomers`' order, from each item's `counts[0]` nearest tuples, then, for
-    the few with none of those free, from its `counts[1]` nearest."""
+    how many stay on a shared tuple (their nearest free tuple costs more, or none is free among
+    their `counts[1]` nearest). Of the newcomers sharing a tuple that no `held` (kept) item
+    holds, the one that loses most by moving stays. Tuples are settled one at a time in
+    `newcomers`' order, from each item's `counts[0]` nearest tuples, then, for the few with none
+    of those free, from its `counts[1]` nearest."""
     groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
     for i, t in zip(newcomers, map(tuple, codes[newcomers].tolist()), strict=True):
         groups[t].append(i)
