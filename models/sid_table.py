@@ -143,7 +143,7 @@ def reassign(
     def settle(i: int, tuples: np.ndarray, errors: np.ndarray) -> bool | None:
         """Move item i to its first free tuple if that is close enough: True moved, False
         declined (too far), None (none of these tuples is free)."""
-        own = _own_error(tuples, errors, tuple(codes[i].tolist()))
+        own = _own_error(tuples, errors, tuple(codes[i].tolist())) if max_loss is not None else 0
         for t, error in zip(map(tuple, tuples.tolist()), errors.tolist(), strict=True):
             if t not in occupied:
                 if error - own > limit:

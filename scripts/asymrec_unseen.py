@@ -59,7 +59,8 @@ def _rescore(config, data, net) -> list[dict]:
         )
         target = torch.from_numpy(examples.target)
         cold = data.cold[examples.target]
-        for way in WAYS:
+        # the content ways need MHQ's content view; the published-SID ablation has none
+        for way in WAYS if net.config.targets == "mhq" else ["codes", "neighbours"]:
             table = ranking_table(net, way, data.embeddings)
             scores = states @ table.T
             picked = scores[torch.arange(len(scores)), target]

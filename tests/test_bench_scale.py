@@ -39,8 +39,8 @@ def test_a_method_fits_on_a_sample_and_encodes_everything(small, method):
         assert "reassign" not in row
         return
     # `collisions: reassign` moves items to free tuples: more distinct, a little cosine lost, and
-    # the moved items are counted. (3,000 items in 1,024 tuples: most move far, 0.05 lost.) The
-    # default limit on a move's cost leaves the costliest on a suffix: fewer moves, less lost.
+    # the moved items are counted. (3,000 items in 1,024 tuples: most move far, 0.05 lost.) A
+    # cap on a move's cost (0.02 here) leaves the costliest on a suffix: fewer moves, less lost.
     limited, free = row["reassign"]
     assert (limited["max_loss"], free["max_loss"]) == (0.02, None)
     assert free["distinct"] > 5 * row["distinct"] > 0
