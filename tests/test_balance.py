@@ -131,6 +131,19 @@ def test_codes_do_not_depend_on_the_batch_an_item_is_encoded_in():
         assert np.array_equal(whole, shards)
 
 
+def test_rqkmeans_encodes_in_blocks_what_a_level_by_level_search_finds():
+    """encode reuses one buffer block after block (priced levels one column wider); each level's
+    codes are still the priced nearest codewords of what the levels before left."""
+    x = long_tailed()
+    model, _ = fit_rqkmeans(x, [16, 16, 16], TokenizerConfig(balanced_codes=True, seed=2))
+    codes = model.encode(x.astype(np.float16), batch_size=333)
+    residual = x.astype(np.float16).astype(np.float32) - model.mean
+    for level, book in enumerate(model.codebooks):
+        assert np.array_equal(codes[:, level], _nearest(book, residual, prices=model.prices[level]))
+        residual = residual - book[codes[:, level]]
+    assert model.encode(x[:0]).shape == (0, 3)
+
+
 def test_balanced_rqvae_saves_prices_for_deep_levels_and_roundtrips():
     x = long_tailed()
     settings = TokenizerConfig(
