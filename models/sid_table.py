@@ -21,12 +21,14 @@ from __future__ import annotations
 import itertools
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import date
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from sidpipe.models.sids import sid_quality, sid_string
+from sidpipe.models.sids import sid_quality, sid_strings
 from sidpipe.models.tokenizer import reconstruction_cosine
 from sidpipe.storage.layout import SID_SCHEMA
 
@@ -36,11 +38,11 @@ Nearby = Callable[[list[int], int], tuple[np.ndarray, np.ndarray]]
 
 
 def assign_sids(
-    item_ids: list[str],
+    item_ids: list[str] | pa.Array,
     codes: np.ndarray,
     tokenizer_id: str,
     run_date: date,
-    item_hashes: list[str] | None = None,
+    item_hashes: list[str | None] | pa.Array | None = None,
     previous: pa.Table | None = None,
     nearby: Nearby | None = None,
     max_loss: float | None = None,
@@ -50,60 +52,52 @@ def assign_sids(
     `previous` is the last published table; `nearby(rows, count)` (reassign mode) returns, for
     those rows, their `count` nearest tuples [len(rows), count, L] and reconstruction errors
     [len(rows), count], lowest first (a tokenizer's `nearby_tuples`); a move may add at most
-    `max_loss` to an item's error (None: any move to a free tuple).
+    `max_loss` to an item's error (None: any move to a free tuple). Columnar throughout (Arrow
+    and numpy, no row objects), so a nightly run over millions of items stays small.
     """
-    hashes = item_hashes or [None] * len(item_ids)
-    prev: dict[str, dict] = {}
-    if previous is not None:
-        for row in previous.to_pylist():
-            if row["tokenizer_id"] == tokenizer_id:
-                prev[row["item_id"]] = row
-
+    ids = pa.array(item_ids, pa.string())
+    n = len(ids)
+    hashes = pa.array(item_hashes if item_hashes is not None else [None] * n, pa.string())
     codes = np.array(codes, dtype=np.int32, copy=True)
-    kept_exactly = np.zeros(len(item_ids), dtype=bool)
-    for i, item_id in enumerate(item_ids):
-        old = prev.get(item_id)
-        if old is not None and hashes[i] is not None and old["item_hash"] == hashes[i]:
-            codes[i] = old["codes"]  # unchanged item: its SID is copied, not re-derived
-            kept_exactly[i] = True
+    old = _previous_rows(previous, tokenizer_id, ids, codes.shape[1])
+
+    # An unchanged item (same tokenizer, same content) keeps its codes: copied, not re-derived.
+    kept_exactly = old.found & pc.fill_null(pc.equal(old.hashes, hashes), False).to_numpy(
+        zero_copy_only=False
+    )
+    codes[kept_exactly] = old.codes[kept_exactly]
     raw_codes = codes.copy()
 
-    suffix = np.zeros(len(item_ids), dtype=np.int32)
-    first = [run_date] * len(item_ids)
-    taken: dict[tuple[int, ...], set[int]] = defaultdict(set)
-    newcomers: list[int] = []
-    for i, item_id in enumerate(item_ids):
-        old = prev.get(item_id)
-        t = tuple(codes[i].tolist())
-        if old is not None and tuple(old["codes"]) == t and old["suffix"] not in taken[t]:
-            suffix[i], first[i] = old["suffix"], old["first_assigned"]
-            taken[t].add(old["suffix"])
-        else:
-            newcomers.append(i)
-    newcomers.sort(key=lambda j: item_ids[j])
+    # An item whose codes came out as before keeps its suffix and date, unless an earlier item
+    # (input order) already holds that suffix of the tuple.
+    same = np.flatnonzero(old.found & (old.codes == codes).all(axis=1))
+    key = np.column_stack([codes[same], old.suffix[same]])
+    keepers = same[np.sort(np.unique(key, axis=0, return_index=True)[1])] if len(same) else same
+    kept = np.zeros(n, dtype=bool)
+    kept[keepers] = True
+    suffix = np.where(kept, old.suffix, 0).astype(np.int32)
+    by_id = np.asarray(pc.sort_indices(ids), dtype=np.int64)
+    newcomers = by_id[~kept[by_id]]  # in item_id order
 
     reassigned, declined = 0, 0
-    if nearby is not None and newcomers:
-        held = {t for t, s in taken.items() if s}
-        reassigned, declined = reassign(codes, newcomers, held, nearby, max_loss)
-    for i in newcomers:
-        t = tuple(codes[i].tolist())
-        free = next(s for s in itertools.count() if s not in taken[t])
-        suffix[i] = free
-        taken[t].add(free)
+    if nearby is not None and len(newcomers):
+        held = set(map(tuple, codes[keepers].tolist()))
+        reassigned, declined = reassign(codes, newcomers.tolist(), held, nearby, max_loss)
+    suffix[newcomers] = _free_suffixes(codes, kept, newcomers, suffix)
 
+    run_day = pa.scalar(run_date, pa.date32())
     table = pa.table(
         {
-            "item_id": pa.array(item_ids, pa.string()),
-            "codes": pa.array(codes.tolist(), pa.list_(pa.int32())),
-            "suffix": pa.array(suffix, pa.int32()),
-            "sid": pa.array(
-                [sid_string(c, int(s)) for c, s in zip(codes.tolist(), suffix, strict=True)],
-                pa.string(),
+            "item_id": ids,
+            "codes": pa.ListArray.from_arrays(
+                pa.array(np.arange(n + 1) * codes.shape[1], pa.int32()),
+                pa.array(codes.ravel(), pa.int32()),
             ),
-            "tokenizer_id": pa.array([tokenizer_id] * len(item_ids), pa.string()),
-            "first_assigned": pa.array(first, pa.date32()),
-            "item_hash": pa.array(hashes, pa.string()),
+            "suffix": pa.array(suffix, pa.int32()),
+            "sid": sid_strings(codes, suffix),
+            "tokenizer_id": pa.repeat(pa.scalar(tokenizer_id, pa.string()), n),
+            "first_assigned": pc.if_else(pa.array(kept), old.first_assigned, run_day),
+            "item_hash": hashes,
         },
         schema=SID_SCHEMA,
     )
@@ -114,6 +108,83 @@ def assign_sids(
         "reassigned": reassigned,
         "reassign_declined": declined,
     }
+
+
+@dataclass
+class _Previous:
+    """The previous table's row of each current item, aligned with the items (`found` False
+    where the item had none under this tokenizer)."""
+
+    found: np.ndarray  # [N] bool
+    codes: np.ndarray  # [N, L] int32 (0 where not found)
+    suffix: np.ndarray  # [N] int32
+    hashes: pa.Array  # [N] string (null where not found)
+    first_assigned: pa.Array  # [N] date32
+
+
+def _previous_rows(
+    previous: pa.Table | None, tokenizer_id: str, ids: pa.Array, levels: int
+) -> _Previous:
+    n = len(ids)
+    prev = previous
+    if prev is not None:
+        prev = prev.filter(
+            pc.and_(
+                pc.equal(prev["tokenizer_id"], tokenizer_id),
+                pc.equal(pc.list_value_length(prev["codes"]), levels),
+            )
+        )
+    if prev is None or prev.num_rows == 0:
+        return _Previous(
+            np.zeros(n, bool),
+            np.zeros((n, levels), np.int32),
+            np.zeros(n, np.int32),
+            pa.nulls(n, pa.string()),
+            pa.nulls(n, pa.date32()),
+        )
+    position = pc.index_in(ids, value_set=prev["item_id"])  # item ids are unique in a table
+    found = position.is_valid().to_numpy(zero_copy_only=False)
+    take = np.asarray(pc.fill_null(position, 0))
+    flat = pc.list_flatten(prev["codes"].combine_chunks()).to_numpy(zero_copy_only=False)
+    old_codes = flat.reshape(-1, levels).astype(np.int32)[take]
+    old_suffix = prev["suffix"].to_numpy(zero_copy_only=False).astype(np.int32)[take]
+    return _Previous(
+        found,
+        np.where(found[:, None], old_codes, 0).astype(np.int32),
+        np.where(found, old_suffix, 0).astype(np.int32),
+        pc.take(prev["item_hash"], position),
+        pc.take(prev["first_assigned"], position),
+    )
+
+
+def _free_suffixes(
+    codes: np.ndarray, kept: np.ndarray, newcomers: np.ndarray, suffix: np.ndarray
+) -> np.ndarray:
+    """The suffix of each newcomer (in `newcomers`' order): the smallest one of its tuple that
+    no kept item and no earlier newcomer holds."""
+    if len(newcomers) == 0:
+        return np.zeros(0, np.int32)
+    _, group = np.unique(codes, axis=0, return_inverse=True)
+    group = group.ravel()
+    mine = group[newcomers]
+    order = np.argsort(mine, kind="stable")  # by tuple, then in newcomers' order
+    ordered = mine[order]
+    starts = np.flatnonzero(np.r_[True, ordered[1:] != ordered[:-1]])
+    rank = np.arange(len(ordered)) - np.repeat(starts, np.diff(np.r_[starts, len(ordered)]))
+    out = np.empty(len(newcomers), np.int32)
+    out[order] = rank  # a tuple no kept item holds: 0, 1, 2, ... in order
+    shared = np.isin(mine, group[kept])
+    if shared.any():  # tuples kept items hold: skip their suffixes
+        taken: dict[int, set[int]] = defaultdict(set)
+        keep_rows = np.flatnonzero(kept & np.isin(group, mine[shared]))
+        for g, s in zip(group[keep_rows].tolist(), suffix[keep_rows].tolist(), strict=True):
+            taken[g].add(s)
+        for j in np.flatnonzero(shared).tolist():
+            held = taken[int(mine[j])]
+            free = next(s for s in itertools.count() if s not in held)
+            out[j] = free
+            held.add(free)
+    return out
 
 
 def reassign(
@@ -206,31 +277,44 @@ def _loss_by_moving(tuples: np.ndarray, errors: np.ndarray, own: tuple[int, ...]
 
 
 def drift_report(previous: pa.Table, current: pa.Table) -> dict:
-    """Share of items (present in both tables) whose SID changed, overall and per level."""
-    old = {r["item_id"]: r for r in previous.select(["item_id", "codes", "sid"]).to_pylist()}
-    rows = [
-        (old[r["item_id"]], r)
-        for r in current.select(["item_id", "codes", "sid"]).to_pylist()
-        if r["item_id"] in old
-    ]
+    """Share of items (present in both tables) whose SID changed, overall and per level (a level
+    an item's old codes lack counts as changed)."""
+    position = pc.index_in(current["item_id"], value_set=previous["item_id"])
+    both = np.flatnonzero(position.is_valid().to_numpy(zero_copy_only=False))
+    rows = position.to_numpy(zero_copy_only=False)[both].astype(np.int64)  # previous's rows
     n = len(rows)
-    levels = max((len(r["codes"]) for _, r in rows), default=0)
-    per_level = [
-        sum(
-            1 for o, r in rows if level >= len(o["codes"]) or o["codes"][level] != r["codes"][level]
-        )
-        / n
-        if n
-        else 0.0
-        for level in range(levels)
-    ]
+    new_codes = _padded(current["codes"], both)
+    old_codes = _padded(previous["codes"], rows, width=new_codes.shape[1])
+    old_sid = previous["sid"].to_numpy(zero_copy_only=False)[rows]
+    new_sid = current["sid"].to_numpy(zero_copy_only=False)[both]
     return {
         "from_tokenizer": previous["tokenizer_id"][0].as_py() if previous.num_rows else None,
         "to_tokenizer": current["tokenizer_id"][0].as_py() if current.num_rows else None,
         "items_compared": n,
-        "sid_changed": sum(1 for o, r in rows if o["sid"] != r["sid"]) / n if n else 0.0,
-        "code_changed_per_level": per_level,
+        "sid_changed": float((old_sid != new_sid).mean()) if n else 0.0,
+        "code_changed_per_level": [float(c) for c in (old_codes != new_codes).mean(axis=0)]
+        if n
+        else [],
     }
+
+
+def code_matrix(codes: pa.ChunkedArray | pa.Array, levels: int) -> np.ndarray:
+    """A `codes` column of `levels` codes a row as an [N, levels] int32 matrix."""
+    flat = pc.list_flatten(codes).to_numpy(zero_copy_only=False)
+    return flat.astype(np.int32).reshape(len(codes), levels)
+
+
+def _padded(codes: pa.ChunkedArray, rows: np.ndarray, width: int | None = None) -> np.ndarray:
+    """The codes of these rows as an [len(rows), width] matrix (default: the longest row's
+    length), -1 past a row's end."""
+    picked = codes.take(pa.array(rows, pa.int64()))
+    lengths = pc.list_value_length(picked).to_numpy(zero_copy_only=False).astype(np.int64)
+    longest = int(lengths.max()) if len(lengths) else 0
+    out = np.full((len(rows), max(longest, width or 0)), -1, np.int32)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = pc.list_flatten(picked).to_numpy(
+        zero_copy_only=False
+    )
+    return out if width is None else out[:, :width]
 
 
 def table_quality(
@@ -238,9 +322,7 @@ def table_quality(
 ) -> tuple[np.ndarray, dict]:
     """The final code matrix and the quality report of a SID table, with the collision picture
     before (the tokenizer's raw codes) and after (the codes items were given)."""
-    final_codes = np.asarray(table["codes"].to_pylist(), dtype=np.int32).reshape(
-        table.num_rows, len(codebook_sizes)
-    )
+    final_codes = code_matrix(table["codes"], len(codebook_sizes))
     quality = sid_quality(final_codes, codebook_sizes)
     before = sid_quality(stats["raw_codes"], codebook_sizes)
     suffixes = table["suffix"].to_numpy()

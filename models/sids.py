@@ -13,14 +13,27 @@ items whose tuple is unique (before the suffix), largest bucket, Gini of bucket 
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 LEVEL_LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
 
 def sid_string(codes: list[int], suffix: int) -> str:
     """Token string of a SID: <a_12><b_7><c_901><d_0> (the last letter is the suffix)."""
-    tokens = [f"<{LEVEL_LETTERS[level]}_{code}>" for level, code in enumerate(codes)]
-    return "".join(tokens) + f"<{LEVEL_LETTERS[len(codes)]}_{suffix}>"
+    return sid_strings(np.asarray([codes]), np.asarray([suffix]))[0].as_py()
+
+
+def sid_strings(codes: np.ndarray, suffixes: np.ndarray) -> pa.Array:
+    """`sid_string` of every row of codes [N, L] with its suffix [N], as one Arrow string
+    array (built column by column: no Python string per item)."""
+    parts = []
+    for level, column in enumerate([*np.asarray(codes).T, np.asarray(suffixes)]):
+        digits = pc.cast(pa.array(np.ascontiguousarray(column, np.int64)), pa.string())
+        parts += [f"<{LEVEL_LETTERS[level]}_", digits, ">"]
+    if len(parts[1]) == 0:
+        return pa.array([], pa.string())
+    return pc.binary_join_element_wise(*parts, "")
 
 
 def codebook_tokens(codebook_sizes: list[int]) -> list[str]:

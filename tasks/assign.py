@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 from prefect import get_run_logger, task
 
 from sidpipe import artifacts
@@ -54,19 +55,19 @@ def assign_stage(
 ) -> AssignOutcome:
     started = time.perf_counter()
     config = config or TokenizerConfig()
-    item_ids, _ = stage_ids(store, run, embed)
-    rejected = failed_items(store, run, [fit])
-    keep = [i for i, item_id in enumerate(item_ids) if item_id not in rejected]
-    item_ids = [item_ids[i] for i in keep]
+    # Item ids, hashes and codes stay Arrow and numpy columns: no Python object per item.
+    item_ids = pa.array(stage_ids(store, run, embed)[0], pa.string())
+    rejected = pa.array(sorted(failed_items(store, run, [fit])), pa.string())
+    keep = np.flatnonzero(~pc.is_in(item_ids, value_set=rejected).to_numpy(zero_copy_only=False))
+    item_ids = item_ids.take(pa.array(keep))
     tokenizer, _ = load_tokenizer(store, fit.tokenizer_id)
     staged_ids, staged_codes = read_codes(store, run, codes_files)
-    position = {item_id: i for i, item_id in enumerate(staged_ids)}
-    codes = staged_codes[[position[item_id] for item_id in item_ids]]
+    codes = staged_codes[_positions(item_ids, staged_ids, "encoded codes")]
     previous_run = latest_published(store, run.catalog, not_after=run.run_date)
     previous = None
     if previous_run is not None and "sids" in previous_run.files:
         previous = read_published_table(store, previous_run, "sids")
-    hashes = dict(zip(items["item_id"].to_pylist(), items["item_hash"].to_pylist(), strict=True))
+    hashes = items["item_hash"].take(_positions(item_ids, items["item_id"], "ingested items"))
     # The embeddings (for reassignment's nearby tuples and the reconstruction report) are spilled
     # to a local file and read a block at a time: never the whole N x D matrix at once.
     with stage_rows(store, run, embed, "embedding") as spill:
@@ -82,7 +83,7 @@ def assign_stage(
             codes,
             fit.tokenizer_id,
             run.run_date,
-            [hashes[i] for i in item_ids],
+            hashes,
             previous,
             nearby,
             config.reassign_max_loss,
@@ -137,6 +138,14 @@ def assign_stage(
         assigned=table.num_rows,
         quality=quality,
     )
+
+
+def _positions(item_ids: pa.Array, among: pa.Array | pa.ChunkedArray, what: str) -> np.ndarray:
+    """Row of each item id in `among` (which holds every one of them)."""
+    position = pc.index_in(item_ids, value_set=among)
+    if position.null_count:
+        raise RuntimeError(f"assign: {position.null_count} embedded items have no {what}")
+    return position.to_numpy(zero_copy_only=False).astype(np.int64)
 
 
 @task(name="assign", **TASK_OPTIONS)

@@ -61,13 +61,13 @@ def encode_shard_stage(
 
 def read_codes(
     store: ArtifactStore, run: RunInfo, names: list[str]
-) -> tuple[list[str], np.ndarray]:
+) -> tuple[pa.ChunkedArray, np.ndarray]:
     """(item_ids, codes [N, L]) of the staged shards, in shard order."""
     tables = [store.read_parquet(*staging_dir(run.run_id), name) for name in names]
     table = pa.concat_tables(tables)
     levels = table.schema.field("codes").type.list_size
     codes = table["codes"].combine_chunks().values.to_numpy().reshape(-1, levels)
-    return table["item_id"].to_pylist(), codes.astype(np.int32)
+    return table["item_id"], codes.astype(np.int32)
 
 
 @task(name="encode", **TASK_OPTIONS)

@@ -124,6 +124,22 @@ def test_existing_items_keep_suffix_and_first_assigned_date():
     assert rows["b"]["first_assigned"] == day1 and rows["a"]["first_assigned"] == day2
 
 
+def test_newcomers_fill_the_suffixes_that_items_who_left_freed_first():
+    day1, day2 = date(2026, 11, 1), date(2026, 11, 2)
+    first, _ = assign_sids(["a", "b", "c"], np.array([[1, 1]] * 3), "tok", day1)
+    # "a" (suffix 0) left the catalog; "b" and "c" came out with the same codes and keep 1
+    # and 2 (no hashes: not kept exactly); "x" and "y" arrive, in item_id order, on 0 and 3.
+    second, stats = assign_sids(
+        ["y", "c", "x", "b"], np.array([[1, 1]] * 4), "tok", day2, previous=first
+    )
+    rows = {r["item_id"]: r for r in second.to_pylist()}
+    assert [rows[i]["suffix"] for i in "bcxy"] == [1, 2, 0, 3]
+    assert rows["b"]["first_assigned"] == day1 and rows["x"]["first_assigned"] == day2
+    assert second["item_id"].to_pylist() == ["y", "c", "x", "b"]  # the input's order
+    assert second["sid"].to_pylist()[0] == "<a_1><b_1><c_3>"
+    assert stats["kept_exactly"] == 0 and stats["encoded"] == 4
+
+
 def test_a_new_tokenizer_assigns_afresh():
     first, _ = assign_sids(["a"], np.array([[1]]), "tok-1", date(2026, 11, 1))
     second, _ = assign_sids(["a"], np.array([[1]]), "tok-2", date(2026, 11, 2), previous=first)

@@ -1,0 +1,151 @@
+"""Benchmark: peak memory and time of building a SID table (`models.sid_table.assign_sids`),
+a nightly run's way: N items, a previous table of the same tokenizer, 10% of the items changed
+(a new content hash, and a new last-level code for each of those).
+
+The baseline, run in the same invocation, is `assign_sids` as it was at another commit
+(`--baseline`, default 8769407, the row-by-row version: a dict per previous row, Python tuples
+and strings per item), loaded from `git show`; each way runs in its own process, is given the
+inputs its stage built (Python lists then, Arrow arrays now), and must give an identical table.
+Prints peak RSS above the inputs, seconds, the ratios and the machine.
+
+    python bench/assign_memory.py --n 100000 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import resource
+import subprocess
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.tokenizers import machine  # noqa: E402
+
+SIZES = [4096, 2048, 1024]
+
+
+def inputs(n: int, arrow: bool):
+    """(ids, codes, hashes, changed codes, changed hashes) of a seeded catalog of n items."""
+    import pyarrow as pa
+
+    rng = np.random.default_rng(0)
+    ids = [f"item-{i:09d}" for i in range(n)]
+    codes = rng.integers(0, SIZES, size=(n, len(SIZES))).astype(np.int32)
+    hashes = [f"{i:064x}" for i in range(n)]
+    changed_hashes = [h if i % 10 else f"{i + 1:064x}"[::-1] for i, h in enumerate(hashes)]
+    changed = codes.copy()
+    changed[::10, -1] = (changed[::10, -1] + 1) % SIZES[-1]
+    if arrow:
+        ids, hashes, changed_hashes = (
+            pa.array(v, pa.string()) for v in (ids, hashes, changed_hashes)
+        )
+    return ids, codes, hashes, changed, changed_hashes
+
+
+def load(way: str, baseline: str):
+    if way == "now":
+        from sidpipe.models import sid_table
+
+        return sid_table
+    folder = ROOT / "bench" / ".cache"
+    folder.mkdir(exist_ok=True)
+    # The baseline's own sids.py too (its sid_string), imported under the commit's name.
+    for name in ("sids", "sid_table"):
+        source = subprocess.run(
+            ["git", "show", f"{baseline}:models/{name}.py"],
+            cwd=ROOT,
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout
+        source = source.replace("from sidpipe.models.sids import", f"from sids_{baseline} import")
+        (folder / f"{name}_{baseline}.py").write_text(source)
+    sys.path.insert(0, str(folder))
+    return importlib.import_module(f"sid_table_{baseline}")
+
+
+def one(way: str, n: int, baseline: str) -> None:
+    """Run one way in this process; print its JSON (and write its table for the check)."""
+    import pyarrow.parquet as pq
+
+    module = load(way, baseline)
+    ids, codes, hashes, changed, changed_hashes = inputs(n, arrow=way == "now")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    started = time.perf_counter()
+    first, _ = module.assign_sids(ids, codes, "tok", date(2026, 12, 1), hashes)
+    first_s = time.perf_counter() - started
+    started = time.perf_counter()
+    table, stats = module.assign_sids(
+        ids, changed, "tok", date(2026, 12, 2), changed_hashes, previous=first
+    )
+    nightly_s = time.perf_counter() - started
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    pq.write_table(table, ROOT / "bench" / ".cache" / f"assign-{way}-{n}.parquet")
+    print(
+        json.dumps(
+            {
+                "way": way,
+                "inputs_gb": before,
+                "above_inputs_gb": peak - before,
+                "first_s": first_s,
+                "nightly_s": nightly_s,
+                "kept": stats["kept_exactly"],
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
+    parser.add_argument("--baseline", default="8769407")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # way, n
+    args = parser.parse_args()
+    if args.one:
+        one(args.one[0], int(args.one[1]), args.baseline)
+        return
+    import pyarrow.parquet as pq
+
+    print(f"assign_sids, nightly run (previous table, 10% changed); {machine()}")
+    print("| N | way | inputs | peak above inputs | first run s | nightly run s |")
+    print("|---:|---|---:|---:|---:|---:|")
+    for n in args.n:
+        rows = {}
+        for way in ("then", "now"):
+            out = subprocess.run(
+                [sys.executable, __file__, "--one", way, str(n), "--baseline", args.baseline],
+                check=True,
+                capture_output=True,
+                text=True,
+            ).stdout
+            rows[way] = r = json.loads(out.strip().splitlines()[-1])
+            label = f"at {args.baseline}" if way == "then" else "now"
+            print(
+                f"| {n:,} | {label} | {r['inputs_gb']:.2f} GB | {r['above_inputs_gb']:.2f} GB "
+                f"| {r['first_s']:.1f} | {r['nightly_s']:.1f} |"
+            )
+        tables = [
+            pq.read_table(ROOT / "bench" / ".cache" / f"assign-{w}-{n}.parquet") for w in rows
+        ]
+        same = tables[0].equals(tables[1])
+        then, now = rows["then"], rows["now"]
+        print(
+            f"N={n:,}: memory above inputs {now['above_inputs_gb'] / then['above_inputs_gb']:.2f}x, "
+            f"nightly time {now['nightly_s'] / then['nightly_s']:.2f}x the baseline's; "
+            f"tables identical: {same}"
+        )
+        if not same:
+            raise SystemExit("the two ways gave different SID tables")
+
+
+if __name__ == "__main__":
+    main()
