@@ -35,6 +35,7 @@ from sidpipe.storage.layout import SID_SCHEMA
 # (rows, count) -> each row's `count` nearest tuples [len(rows), count, L] and their errors
 # [len(rows), count], lowest first (a tokenizer's `nearby_tuples` on those rows' embeddings)
 Nearby = Callable[[list[int], int], tuple[np.ndarray, np.ndarray]]
+CHUNK_ROWS = 1 << 20  # rows of a chunk of the table's codes and sid columns
 
 
 def assign_sids(
@@ -89,12 +90,9 @@ def assign_sids(
     table = pa.table(
         {
             "item_id": ids,
-            "codes": pa.ListArray.from_arrays(
-                pa.array(np.arange(n + 1) * codes.shape[1], pa.int32()),
-                pa.array(codes.ravel(), pa.int32()),
-            ),
+            "codes": _in_chunks(codes, suffix, _code_lists, pa.list_(pa.int32())),
             "suffix": pa.array(suffix, pa.int32()),
-            "sid": sid_strings(codes, suffix),
+            "sid": _in_chunks(codes, suffix, sid_strings, pa.string()),
             "tokenizer_id": pa.repeat(pa.scalar(tokenizer_id, pa.string()), n),
             "first_assigned": pc.if_else(pa.array(kept), old.first_assigned, run_day),
             "item_hash": hashes,
@@ -108,6 +106,19 @@ def assign_sids(
         "reassigned": reassigned,
         "reassign_declined": declined,
     }
+
+
+def _in_chunks(codes: np.ndarray, suffix: np.ndarray, build, kind: pa.DataType):
+    """`build(codes, suffix)` a CHUNK_ROWS block at a time, as one chunked column: an Arrow
+    array's 32-bit offsets hold 2 GiB of strings, about 80M SIDs."""
+    blocks = range(0, len(codes), CHUNK_ROWS)
+    parts = [build(codes[i : i + CHUNK_ROWS], suffix[i : i + CHUNK_ROWS]) for i in blocks]
+    return pa.chunked_array(parts, kind)
+
+
+def _code_lists(codes: np.ndarray, _suffix: np.ndarray) -> pa.Array:
+    offsets = pa.array(np.arange(len(codes) + 1) * codes.shape[1], pa.int32())
+    return pa.ListArray.from_arrays(offsets, pa.array(codes.ravel(), pa.int32()))
 
 
 @dataclass
@@ -285,13 +296,12 @@ def drift_report(previous: pa.Table, current: pa.Table) -> dict:
     n = len(rows)
     new_codes = _padded(current["codes"], both)
     old_codes = _padded(previous["codes"], rows, width=new_codes.shape[1])
-    old_sid = previous["sid"].to_numpy(zero_copy_only=False)[rows]
-    new_sid = current["sid"].to_numpy(zero_copy_only=False)[both]
+    sid_changed = pc.not_equal(pc.take(previous["sid"], rows), pc.take(current["sid"], both))
     return {
         "from_tokenizer": previous["tokenizer_id"][0].as_py() if previous.num_rows else None,
         "to_tokenizer": current["tokenizer_id"][0].as_py() if current.num_rows else None,
         "items_compared": n,
-        "sid_changed": float((old_sid != new_sid).mean()) if n else 0.0,
+        "sid_changed": pc.sum(sid_changed).as_py() / n if n else 0.0,
         "code_changed_per_level": [float(c) for c in (old_codes != new_codes).mean(axis=0)]
         if n
         else [],

@@ -56,7 +56,7 @@ def assign_stage(
     started = time.perf_counter()
     config = config or TokenizerConfig()
     # Item ids, hashes and codes stay Arrow and numpy columns: no Python object per item.
-    item_ids = pa.array(stage_ids(store, run, embed)[0], pa.string())
+    item_ids = stage_ids(store, run, embed)[0].combine_chunks()
     rejected = pa.array(sorted(failed_items(store, run, [fit])), pa.string())
     keep = np.flatnonzero(~pc.is_in(item_ids, value_set=rejected).to_numpy(zero_copy_only=False))
     item_ids = item_ids.take(pa.array(keep))

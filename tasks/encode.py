@@ -4,7 +4,10 @@ The heavy half of assignment, mapped over shards so it spreads over the run's ta
 (thread, process, Dask or Ray workers): a shard reads only its own rows (item_id order,
 `orchestration.shard_size` of them), encodes them and stages (item_id, codes) for `assign`.
 A tokenizer's codes are a per-item function of the embedding (a balanced tokenizer's prices are
-fitted once, not per batch), so any runner and any shard size give the same codes.
+fitted once, not per batch), so any runner gives the same codes for the same shards. Another
+shard size can flip a float32 near-tie between two codewords (faiss's distance computation
+depends on the size of a search and a row's place in it); an unchanged item keeps its published
+codes whatever its shard (`models.sid_table`).
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def fit_stage(
     started = time.perf_counter()
     # The embeddings are spilled to a local file and read a block at a time: screening needs
     # every row's norm, the fit only its sample, the quality report one slice at a time.
-    item_ids, hashes = stage_ids(store, run, embed)
+    item_ids, hashes = (column.to_pylist() for column in stage_ids(store, run, embed))
     with stage_rows(store, run, embed, "embedding") as x:
         return _screen_and_fit(store, run, embed, config, started, item_ids, hashes, x)
 

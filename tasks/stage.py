@@ -281,10 +281,13 @@ def stage_rows(
     return spill if spill is not None else SpilledRows(0, 0)
 
 
-def stage_ids(store: ArtifactStore, run: RunInfo, outcome: StageOutcome) -> tuple[list, list]:
-    """(item_ids, input hashes) of a stage's items in item_id order, without their values."""
+def stage_ids(
+    store: ArtifactStore, run: RunInfo, outcome: StageOutcome
+) -> tuple[pa.ChunkedArray, pa.ChunkedArray]:
+    """(item_ids, input hashes) of a stage's items in item_id order, without their values, as
+    Arrow columns (no Python object per item)."""
     index = read_index(store, run, outcome)
     if index is None:
-        return [], []
+        return pa.chunked_array([], pa.string()), pa.chunked_array([], pa.string())
     index = index.sort_by("item_id")
-    return index["item_id"].to_pylist(), index[INPUT_HASH].to_pylist()
+    return index["item_id"], index[INPUT_HASH]
