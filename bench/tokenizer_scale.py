@@ -136,7 +136,7 @@ def reassigned(x: np.memmap, codes: np.ndarray, decode, nearby, max_loss: float 
     is the encoder's."""
     from datetime import date
 
-    from sidpipe.models.sid_table import assign_sids
+    from sidpipe.models.sid_table import assign_sids, code_matrix
     from sidpipe.models.sids import sid_quality
 
     started = time.perf_counter()
@@ -149,7 +149,7 @@ def reassigned(x: np.memmap, codes: np.ndarray, decode, nearby, max_loss: float 
         max_loss=max_loss,
     )
     seconds = time.perf_counter() - started
-    moved = np.asarray(table["codes"].to_pylist(), np.int32)
+    moved = code_matrix(table["codes"], codes.shape[1])
     changed = np.flatnonzero((moved != codes).any(axis=1))
     # Only moved items' reconstructions change: the cosine is corrected on those rows.
     rows = np.asarray(x[changed], np.float32)

@@ -31,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.beauty import beauty_embeddings  # noqa: E402
 from sidpipe.config import TokenizerConfig  # noqa: E402
-from sidpipe.models.sid_table import assign_sids  # noqa: E402
+from sidpipe.models.sid_table import assign_sids, code_matrix  # noqa: E402
 from sidpipe.models.sids import sid_quality  # noqa: E402
 from sidpipe.models.tokenizer import fit_tokenizer, reconstruction_cosine  # noqa: E402
 
@@ -95,7 +95,7 @@ def sidpipe_rows(x, sizes, method, settings) -> list[dict]:
         nearby=lambda rows, count: tokenizer.nearby_tuples(x[rows], count),
         max_loss=cfg.reassign_max_loss,
     )
-    moved = np.asarray(reassigned["codes"].to_pylist(), np.int32)
+    moved = code_matrix(reassigned["codes"], codes.shape[1])
     return [
         row(
             f"sidpipe {name}",

@@ -156,8 +156,7 @@ def _previous_rows(
     position = pc.index_in(ids, value_set=prev["item_id"])  # item ids are unique in a table
     found = position.is_valid().to_numpy(zero_copy_only=False)
     take = np.asarray(pc.fill_null(position, 0))
-    flat = pc.list_flatten(prev["codes"].combine_chunks()).to_numpy(zero_copy_only=False)
-    old_codes = flat.reshape(-1, levels).astype(np.int32)[take]
+    old_codes = code_matrix(prev["codes"], levels)[take]
     old_suffix = prev["suffix"].to_numpy(zero_copy_only=False).astype(np.int32)[take]
     return _Previous(
         found,

@@ -17,6 +17,7 @@ import pyarrow as pa
 from prefect import task
 
 from sidpipe.config import PipelineConfig
+from sidpipe.models.sid_table import code_matrix
 from sidpipe.storage.layout import staging_dir
 from sidpipe.storage.store import ArtifactStore
 from sidpipe.tasks.fitting import encode, load_tokenizer
@@ -69,8 +70,8 @@ def read_codes(
     tables = [store.read_parquet(*staging_dir(run.run_id), name) for name in names]
     table = pa.concat_tables(tables)
     levels = table.schema.field("codes").type.list_size
-    codes = table["codes"].combine_chunks().values.to_numpy().reshape(-1, levels)
-    return table["item_id"], codes.astype(np.int32)
+    codes = code_matrix(table["codes"], levels)
+    return table["item_id"], codes
 
 
 @task(name="encode", **TASK_OPTIONS)
