@@ -74,7 +74,8 @@ def stack_embeddings(vectors: list[Any], ids: list[str]) -> np.ndarray:
 
 def screen_embeddings(ids: list[str], x: np.ndarray) -> tuple[list[int], list[tuple[str, str]]]:
     """Row indices fit to tokenize, and (item_id, reason) for the rest."""
-    return screen_norms(ids, *embedding_norms(x))
+    keep, rejects = screen_norms(*embedding_norms(x))
+    return keep.tolist(), [(ids[row], why) for row, why in rejects]
 
 
 def embedding_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -84,28 +85,26 @@ def embedding_norms(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return finite, np.where(finite, np.linalg.norm(np.where(finite[:, None], x, 0), axis=1), 0.0)
 
 
-def screen_norms(
-    ids: list[str], finite: np.ndarray, norms: np.ndarray
-) -> tuple[list[int], list[tuple[str, str]]]:
-    """`screen_embeddings` from `embedding_norms` of every row (the median is over all rows)."""
-    median = float(np.median(norms[finite & (norms > 0)])) if (finite & (norms > 0)).any() else 0.0
-    keep, rejects = [], []
-    for i, item_id in enumerate(ids):
-        if not finite[i]:
-            rejects.append((item_id, "embedding has NaN or infinite values"))
-        elif norms[i] == 0.0:
-            rejects.append((item_id, "embedding is the zero vector"))
-        elif median > 0 and norms[i] > HUGE_NORM_RATIO * median:
-            rejects.append(
-                (
-                    item_id,
-                    f"embedding norm {norms[i]:.3g} is over "
-                    f"{HUGE_NORM_RATIO:g}x the median ({median:.3g})",
-                )
-            )
+def screen_norms(finite: np.ndarray, norms: np.ndarray) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """`screen_embeddings` from `embedding_norms` of every row (the median is over all rows):
+    the rows kept, as an int64 array, and (row, reason) for the rest, in row order. Nothing is
+    held per kept row but its index, so a catalog of any size screens in a few bytes an item."""
+    usable = finite & (norms > 0)
+    median = float(np.median(norms[usable])) if usable.any() else 0.0
+    huge = usable & (norms > HUGE_NORM_RATIO * median) if median > 0 else np.zeros_like(usable)
+    rejects = []
+    for row in np.flatnonzero(~usable | huge).tolist():
+        if not finite[row]:
+            why = "embedding has NaN or infinite values"
+        elif norms[row] == 0.0:
+            why = "embedding is the zero vector"
         else:
-            keep.append(i)
-    return keep, rejects
+            why = (
+                f"embedding norm {norms[row]:.3g} is over "
+                f"{HUGE_NORM_RATIO:g}x the median ({median:.3g})"
+            )
+        rejects.append((row, why))
+    return np.flatnonzero(usable & ~huge), rejects
 
 
 def size_codebooks(

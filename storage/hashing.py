@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable
 from typing import Any
 
 
@@ -20,7 +21,7 @@ def stable_hash(obj: Any, length: int = 32) -> str:
     return hashlib.sha256(canonical_json(obj).encode()).hexdigest()[:length]
 
 
-def hash_strings(values: list[str], length: int = 32) -> str:
+def hash_strings(values: Iterable[str], length: int = 32) -> str:
     """Order-sensitive hash of many strings (e.g. every item hash of a catalog)."""
     digest = hashlib.sha256()
     for value in values:

@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterator
 
 import numpy as np
+import pyarrow as pa
 from prefect import task
 
 from sidpipe.config import PipelineConfig, TokenizerConfig
@@ -82,7 +84,7 @@ def fit_stage(
     started = time.perf_counter()
     # The embeddings are spilled to a local file and read a block at a time: screening needs
     # every row's norm, the fit only its sample, the quality report one slice at a time.
-    item_ids, hashes = (column.to_pylist() for column in stage_ids(store, run, embed))
+    item_ids, hashes = stage_ids(store, run, embed)
     with stage_rows(store, run, embed, "embedding") as x:
         return _screen_and_fit(store, run, embed, config, started, item_ids, hashes, x)
 
@@ -93,14 +95,18 @@ def _screen_and_fit(
     embed: StageOutcome,
     config: TokenizerConfig,
     started: float,
-    item_ids: list[str],
-    hashes: list[str],
+    item_ids: pa.ChunkedArray,
+    hashes: pa.ChunkedArray,
     x: SpilledRows,
 ) -> FitOutcome:
     parts = [embedding_norms(block) for block in x.chunks()] or [(np.zeros(0, bool), np.zeros(0))]
     finite, norms = (np.concatenate(part) for part in zip(*parts, strict=True))
-    keep, rejects = screen_norms(item_ids, finite, norms)
-    errors = write_errors(store, run, "fit", [(i, f"fit: {why}") for i, why in rejects])
+    keep, rejects = screen_norms(finite, norms)
+    rejected = item_ids.take(pa.array([row for row, _ in rejects], pa.int64())).to_pylist()
+    reasons = [
+        (item_id, f"fit: {why}") for item_id, (_, why) in zip(rejected, rejects, strict=True)
+    ]
+    errors = write_errors(store, run, "fit", reasons)
     registry = read_registry(store, run.catalog)
     pinned = registry.version(registry.pinned) if registry.pinned else None
 
@@ -121,7 +127,7 @@ def _screen_and_fit(
         x.subset(keep),
         config,
         embed=embed.model | {"key": embed.key},
-        data_hash=hash_strings([hashes[i] for i in keep]),
+        data_hash=hash_strings(_rows(hashes, keep)),
         trained_on={"run_id": run.run_id, "catalog": run.catalog},
     )
     seconds = time.perf_counter() - started
@@ -156,6 +162,18 @@ def _screen_and_fit(
             "pinned": True,
         },
     )
+
+
+def _rows(column: pa.ChunkedArray, rows: np.ndarray, block: int = 1 << 16) -> Iterator[str]:
+    """`column[rows]` (`rows` ascending) as Python strings, a block at a time from each chunk in
+    place: never a list of them all, nor a copy of the column."""
+    offset = 0
+    for chunk in column.chunks:
+        first, end = np.searchsorted(rows, [offset, offset + len(chunk)])
+        for start in range(first, end, block):
+            picked = rows[start : min(end, start + block)] - offset
+            yield from chunk.take(pa.array(picked)).to_pylist()
+        offset += len(chunk)
 
 
 @task(name="fit", **TASK_OPTIONS)

@@ -27,6 +27,14 @@ for name in list(os.environ):
     if name.startswith("SIDPIPE_"):
         del os.environ[name]  # a developer's own settings must not leak into tests
 
+# Prefect sets up its console log handler when first used, on the sys.stderr of that moment.
+# Setting it up here binds it to the session's capture; first done inside a test that uses
+# capsys, it would hold that test's capture file, closed afterwards, and every later flow's
+# console lines and progress bars would fail with 'I/O operation on closed file'.
+from prefect.logging.configuration import ensure_logging_setup  # noqa: E402
+
+ensure_logging_setup()
+
 import gzip  # noqa: E402
 import json  # noqa: E402
 

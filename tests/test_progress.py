@@ -131,3 +131,25 @@ def test_sidpipe_lines_reach_the_api_handler_once_and_nothing_else_is_borrowed()
     finally:
         extra.removeHandler(foreign)
         sidpipe_logger.handlers = before
+
+
+def test_prefect_prints_to_the_sessions_stream_not_to_one_tests_capture(capsys):
+    """Run in any order, a test that captures output must not leave Prefect's console (which
+    flows' log lines and progress bars use) holding its capture file, closed once it ends."""
+    import sys
+
+    from prefect.logging.handlers import PrefectConsoleHandler
+
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    prefects = [
+        handler
+        for logger in loggers
+        for handler in getattr(logger, "handlers", [])
+        if isinstance(handler, logging.StreamHandler)
+        and type(handler).__module__.startswith("prefect.")
+    ]
+    assert any(isinstance(handler, PrefectConsoleHandler) for handler in prefects)
+    streams = [
+        h.console.file if isinstance(h, PrefectConsoleHandler) else h.stream for h in prefects
+    ]
+    assert all(stream is not sys.stderr and not stream.closed for stream in streams)

@@ -477,3 +477,67 @@ def test_the_fit_stage_reads_embeddings_a_block_at_a_time_and_fits_the_same(
         for s in (store, whole_store)
     ]
     assert reports[0]["quality"] == reports[1]["quality"]
+
+
+def test_the_fit_stage_quarantines_broken_vectors_under_their_own_item_ids(tmp_path, hash_embedder):
+    """Screening holds row numbers, not ids: a rejected row must still be reported as its item,
+    and the tokenizer must be the one fitted on the rest."""
+    from conftest import sample_items
+
+    from sidpipe.config import EmbedConfig
+    from sidpipe.storage.hashing import hash_strings
+    from sidpipe.storage.manifest import utcnow
+    from sidpipe.storage.store import ArtifactStore
+    from sidpipe.tasks.embed import embed_stage
+    from sidpipe.tasks.fit import fit_stage
+    from sidpipe.tasks.fitting import fit_and_store
+    from sidpipe.tasks.stage import RunInfo, stage_matrix, staging_dir
+
+    items = sample_items(200, images=False)
+    rows = items.to_pylist()
+    broken = {rows[7]["item_id"]: np.nan, rows[50]["item_id"]: 0.0, rows[123]["item_id"]: 1e5}
+    by_title = {row["title"]: broken[row["item_id"]] for row in rows if row["item_id"] in broken}
+    embed_good = hash_embedder.embed
+
+    def embed(inputs, progress=None):
+        out, info = embed_good(inputs, progress)
+        hit = [(row, v) for row, i in enumerate(inputs) for t, v in by_title.items() if t in i.text]
+        assert len(hit) == len(broken)  # the titles pick out exactly the three items
+        for row, value in hit:
+            out[row] = value
+        return out, info
+
+    hash_embedder.embed = embed
+    store = ArtifactStore(str(tmp_path / "store"))
+    run = RunInfo(run_id="r", run_date=date(2026, 11, 1), catalog="c", started_at=utcnow())
+    embed_outcome = embed_stage(store, run, items, [], hash_embedder, EmbedConfig())
+    config = TokenizerConfig(method="rqkmeans", codebook_sizes=[8, 8], min_points_per_code=4)
+    outcome = fit_stage(store, run, embed_outcome, config)
+
+    errors = store.read_parquet(*staging_dir(run.run_id), outcome.errors).to_pylist()
+    reasons = {row["item_id"]: row["error"] for row in errors}
+    assert set(reasons) == set(broken) and outcome.stats.failed == 3
+    assert "NaN" in reasons[rows[7]["item_id"]] and "zero" in reasons[rows[50]["item_id"]]
+    assert "median" in reasons[rows[123]["item_id"]]
+    ids, hashes, x = stage_matrix(store, run, embed_outcome, "embedding")
+    good = [row for row, item_id in enumerate(ids) if item_id not in broken]
+    alone = fit_and_store(
+        ArtifactStore(str(tmp_path / "alone")),
+        x[good],
+        config,
+        embed=embed_outcome.model | {"key": embed_outcome.key},
+        data_hash=hash_strings([hashes[row] for row in good]),
+        trained_on={"run_id": run.run_id, "catalog": run.catalog},
+    )
+    assert outcome.tokenizer_id == alone.tokenizer_id
+
+
+def test_the_fit_stage_reads_kept_rows_across_chunks_in_order():
+    import pyarrow as pa
+
+    from sidpipe.tasks.fit import _rows
+
+    column = pa.chunked_array([["a", "b", "c"], [], ["d", "e"], ["f"]])
+    assert list(_rows(column, np.array([0, 2, 3, 4, 5]), block=2)) == ["a", "c", "d", "e", "f"]
+    assert list(_rows(column, np.array([1, 5]), block=1)) == ["b", "f"]
+    assert list(_rows(column, np.array([], np.int64))) == []

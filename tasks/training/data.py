@@ -30,6 +30,7 @@ import pyarrow.parquet as pq
 from sidpipe.errors import TrainingDataError
 from sidpipe.models.item_text import description_text
 from sidpipe.models.recommender import TEXT_FIELDS, Examples, RecData
+from sidpipe.models.sid_table import code_matrix
 from sidpipe.storage.layout import TOKENIZER_CONFIG, tokenizer_dir
 from sidpipe.storage.published import read_published_table, resolve_run, run_ref
 from sidpipe.storage.store import ArtifactStore, open_filesystem
@@ -132,7 +133,8 @@ def load_training_data(store: ArtifactStore, config: DataConfig) -> TrainingData
     manifest = resolve_run(store, config.catalog, config.run_date)
     sids = read_published_table(store, manifest, "sids").sort_by("item_id")
     item_ids = sids["item_id"].to_pylist()
-    codes = np.array(sids["codes"].to_pylist(), np.int64)
+    levels = len(sids["codes"][0]) if len(sids) else 0  # every row holds every level
+    codes = code_matrix(sids["codes"], levels).astype(np.int64)
     tokenizer = store.read_json(*tokenizer_dir(manifest.tokenizer_id), TOKENIZER_CONFIG)
     observed = tuple(int(codes[:, level].max()) + 1 for level in range(codes.shape[1]))
 
