@@ -9,7 +9,12 @@ inputs its stage built (Python lists then, Arrow arrays now), and must give an i
 Prints peak RSS above the inputs (the kernel's peak mark reset once the inputs are built, Linux
 only), seconds, the ratios and the machine.
 
+`--reassign` runs the nightly build with `collisions: reassign`: each changed item's codes are
+then the next (kept) item's, so every one of them must move, and its nearby tuples are its own
+with the last code shifted by 0, 1, 2, ... (errors rising), the same function both ways.
+
     python bench/assign_memory.py --n 100000 1000000
+    python bench/assign_memory.py --n 1000000 4000000 --reassign
 """
 
 from __future__ import annotations
@@ -34,8 +39,9 @@ from bench.tokenizers import machine  # noqa: E402
 SIZES = [4096, 2048, 1024]
 
 
-def inputs(n: int, arrow: bool):
-    """(ids, codes, hashes, changed codes, changed hashes) of a seeded catalog of n items."""
+def inputs(n: int, arrow: bool, crowded: bool = False):
+    """(ids, codes, hashes, changed codes, changed hashes) of a seeded catalog of n items; with
+    `crowded`, each changed item takes the next item's codes."""
     import pyarrow as pa
 
     rng = np.random.default_rng(0)
@@ -45,6 +51,8 @@ def inputs(n: int, arrow: bool):
     changed_hashes = [h if i % 10 else f"{i + 1:064x}"[::-1] for i, h in enumerate(hashes)]
     changed = codes.copy()
     changed[::10, -1] = (changed[::10, -1] + 1) % SIZES[-1]
+    if crowded:
+        changed[: n - 1 : 10] = codes[1::10][: len(changed[: n - 1 : 10])]
     if arrow:
         ids, hashes, changed_hashes = (
             pa.array(v, pa.string()) for v in (ids, hashes, changed_hashes)
@@ -91,19 +99,33 @@ def _reset_peak() -> float:
     return _status_gb("VmRSS")
 
 
-def one(way: str, n: int, baseline: str) -> None:
+def shifted_nearby(codes: np.ndarray):
+    """A `Nearby` for the benchmark: a row's tuples are its own (of `codes`) with the last code
+    shifted by 0, 1, 2, ..., errors 0, 0.01, 0.02, ..."""
+
+    def nearby(rows, count):
+        own = codes[np.asarray(rows, np.int64)]
+        tuples = np.repeat(own[:, None, :], count, axis=1)
+        tuples[:, :, -1] = (own[:, None, -1] + np.arange(count)) % SIZES[-1]
+        return tuples, np.tile(np.arange(count, dtype=np.float32) / 100, (len(rows), 1))
+
+    return nearby
+
+
+def one(way: str, n: int, baseline: str, reassign: bool) -> None:
     """Run one way in this process; print its JSON (and write its table for the check)."""
     import pyarrow.parquet as pq
 
     module = load(way, baseline)
-    ids, codes, hashes, changed, changed_hashes = inputs(n, arrow=way == "now")
+    ids, codes, hashes, changed, changed_hashes = inputs(n, way == "now", reassign)
+    options = {"nearby": shifted_nearby(changed.copy())} if reassign else {}
     before = _reset_peak()
     started = time.perf_counter()
     first, _ = module.assign_sids(ids, codes, "tok", date(2026, 12, 1), hashes)
     first_s = time.perf_counter() - started
     started = time.perf_counter()
     table, stats = module.assign_sids(
-        ids, changed, "tok", date(2026, 12, 2), changed_hashes, previous=first
+        ids, changed, "tok", date(2026, 12, 2), changed_hashes, previous=first, **options
     )
     nightly_s = time.perf_counter() - started
     peak = _status_gb("VmHWM")
@@ -117,6 +139,7 @@ def one(way: str, n: int, baseline: str) -> None:
                 "first_s": first_s,
                 "nightly_s": nightly_s,
                 "kept": stats["kept_exactly"],
+                "reassigned": stats["reassigned"],
             }
         )
     )
@@ -126,21 +149,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, nargs="+", default=[100_000, 1_000_000])
     parser.add_argument("--baseline", default="8769407")
+    parser.add_argument("--reassign", action="store_true", help="collisions: reassign")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # way, n
     args = parser.parse_args()
     if args.one:
-        one(args.one[0], int(args.one[1]), args.baseline)
+        one(args.one[0], int(args.one[1]), args.baseline, args.reassign)
         return
     import pyarrow.parquet as pq
 
-    print(f"assign_sids, nightly run (previous table, 10% changed); {machine()}")
+    mode = "collisions: reassign" if args.reassign else "collisions: suffix"
+    print(f"assign_sids, nightly run (previous table, 10% changed, {mode}); {machine()}")
     print("| N | way | inputs | peak above inputs | first run s | nightly run s |")
     print("|---:|---|---:|---:|---:|---:|")
     for n in args.n:
         rows = {}
         for way in ("then", "now"):
             out = subprocess.run(
-                [sys.executable, __file__, "--one", way, str(n), "--baseline", args.baseline],
+                [sys.executable, __file__, "--one", way, str(n), "--baseline", args.baseline]
+                + ["--reassign"] * args.reassign,
                 check=True,
                 capture_output=True,
                 text=True,
@@ -159,7 +185,7 @@ def main() -> None:
         print(
             f"N={n:,}: memory above inputs {now['above_inputs_gb'] / then['above_inputs_gb']:.2f}x, "
             f"nightly time {now['nightly_s'] / then['nightly_s']:.2f}x the baseline's; "
-            f"tables identical: {same}"
+            f"tables identical: {same} ({now['reassigned']:,} items moved by reassign)"
         )
         if not same:
             raise SystemExit("the two ways gave different SID tables")

@@ -82,8 +82,7 @@ def assign_sids(
 
     reassigned, declined = 0, 0
     if nearby is not None and len(newcomers):
-        held = set(map(tuple, codes[keepers].tolist()))
-        reassigned, declined = reassign(codes, newcomers.tolist(), held, nearby, max_loss)
+        reassigned, declined = reassign(codes, newcomers, codes[keepers], nearby, max_loss)
     suffix[newcomers] = _free_suffixes(codes, kept, newcomers, suffix)
 
     run_day = pa.scalar(run_date, pa.date32())
@@ -199,8 +198,8 @@ def _free_suffixes(
 
 def reassign(
     codes: np.ndarray,
-    newcomers: list[int],
-    held: set[tuple[int, ...]],
+    newcomers: np.ndarray,
+    held: np.ndarray,
     nearby: Nearby,
     max_loss: float | None = None,
     batch_rows: int = 2048,
@@ -209,40 +208,54 @@ def reassign(
     """Move newcomers (in place) off tuples another item keeps, each to its lowest-error free
     tuple from `nearby` if that adds at most `max_loss` to its error; returns how many moved and
     how many stay on a shared tuple (their nearest free tuple costs more, or none is free among
-    their `counts[1]` nearest). Of the newcomers sharing a tuple that no `held` (kept) item
-    holds, the one that loses most by moving stays. Tuples are settled one at a time in
-    `newcomers`' order, from each item's `counts[0]` nearest tuples, then, for the few with none
-    of those free, from its `counts[1]` nearest."""
-    groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
-    for i, t in zip(newcomers, map(tuple, codes[newcomers].tolist()), strict=True):
-        groups[t].append(i)
-    crowded = [(t, m) for t, m in groups.items() if len(m) > 1 or t in held]
-    occupied = held | set(groups)
+    their `counts[1]` nearest). Of the newcomers sharing a tuple that no `held` (the kept items'
+    tuples, [M, L]) holds, the one that loses most by moving stays. Tuples are settled one at a
+    time in order of their first newcomer, from each item's `counts[0]` nearest tuples, then,
+    for the few with none of those free, from its `counts[1]` nearest. Tuples are held as
+    sorted arrays of packed rows, not Python objects: a few bytes an item, at any size."""
+    newcomers = np.asarray(newcomers, np.int64)
+    held_keys = np.unique(_keys(held))
+    tuple_keys, first, group, size = np.unique(
+        _keys(codes[newcomers]), return_index=True, return_inverse=True, return_counts=True
+    )
+    members = np.argsort(group, kind="stable")  # newcomers' positions by tuple, in their order
+    starts = np.r_[0, np.cumsum(size)[:-1]]
+    is_held = _isin(tuple_keys, held_keys)
+    crowded = [g for g in np.argsort(first, kind="stable").tolist() if size[g] > 1 or is_held[g]]
+    taken, added = np.union1d(held_keys, tuple_keys), set()  # occupied: taken, or added by moves
     limit = np.inf if max_loss is None else max_loss
     moved, declined, stuck = 0, 0, []
 
     def settle(i: int, tuples: np.ndarray, errors: np.ndarray) -> bool | None:
         """Move item i to its first free tuple if that is close enough: True moved, False
         declined (too far), None (none of these tuples is free)."""
-        own = _own_error(tuples, errors, tuple(codes[i].tolist())) if max_loss is not None else 0
-        for t, error in zip(map(tuple, tuples.tolist()), errors.tolist(), strict=True):
-            if t not in occupied:
-                if error - own > limit:
-                    return False
-                codes[i] = t
-                occupied.add(t)
-                return True
+        own = _own_error(tuples, errors, codes[i]) if max_loss is not None else 0
+        keys = _keys(tuples)
+        free = ~_isin(keys, taken)
+        for k in np.flatnonzero(free).tolist():
+            if keys[k].tobytes() in added:
+                continue
+            if errors[k] - own > limit:
+                return False
+            codes[i] = tuples[k]
+            added.add(keys[k].tobytes())
+            return True
         return None
 
-    for batch in _whole_groups(crowded, batch_rows):
-        rows = [i for _, members in batch for i in members]
+    batches = _whole_groups([(g, int(size[g])) for g in crowded], batch_rows)
+    for batch in batches:
+        groups = [newcomers[members[starts[g] : starts[g] + size[g]]] for g in batch]
+        rows = np.concatenate(groups).tolist()
         tuples, errors = nearby(rows, counts[0])
         at = {i: k for k, i in enumerate(rows)}
-        for t, members in batch:
+        for g, items in zip(batch, groups, strict=True):
             stays = None
-            if t not in held:
-                stays = max(members, key=lambda i: _loss_by_moving(tuples[at[i]], errors[at[i]], t))
-            for i in members:
+            if not is_held[g]:
+                own = codes[items[0]].copy()
+                stays = max(
+                    items.tolist(), key=lambda i: _loss_by_moving(tuples[at[i]], errors[at[i]], own)
+                )
+            for i in items.tolist():
                 if i == stays:
                     continue
                 done = settle(i, tuples[at[i]], errors[at[i]])
@@ -258,27 +271,42 @@ def reassign(
     return moved, declined
 
 
+def _keys(rows: np.ndarray) -> np.ndarray:
+    """Each row of an int [..., L] array as one packed, sortable value (a tuple's key)."""
+    rows = np.ascontiguousarray(rows, np.int32)
+    return rows.reshape(-1, rows.shape[-1]).view(np.dtype((np.void, 4 * rows.shape[-1]))).ravel()
+
+
+def _isin(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """Which `keys` are in `sorted_keys` (sorted, unique)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), bool)
+    at = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    return sorted_keys[at] == keys
+
+
 def _whole_groups(groups: list, rows: int):
-    """`groups` ((tuple, members) pairs) in runs of about `rows` members, never split."""
-    batch, size = [], 0
-    for group in groups:
+    """The first items of `groups` ((group, size) pairs) in runs of about `rows` members, never
+    split."""
+    batch, total = [], 0
+    for group, size in groups:
         batch.append(group)
-        size += len(group[1])
-        if size >= rows:
+        total += size
+        if total >= rows:
             yield batch
-            batch, size = [], 0
+            batch, total = [], 0
     if batch:
         yield batch
 
 
-def _own_error(tuples: np.ndarray, errors: np.ndarray, own: tuple[int, ...]) -> float:
+def _own_error(tuples: np.ndarray, errors: np.ndarray, own: np.ndarray) -> float:
     """An item's error on its own tuple (`tuples`, `errors`: its nearby tuples, lowest error
     first; its own is taken as the best if not among them)."""
     mine = (tuples == np.asarray(own)).all(axis=1)
     return float(errors[mine][0] if mine.any() else errors[0])
 
 
-def _loss_by_moving(tuples: np.ndarray, errors: np.ndarray, own: tuple[int, ...]) -> float:
+def _loss_by_moving(tuples: np.ndarray, errors: np.ndarray, own: np.ndarray) -> float:
     """How much more error an item's best other tuple has than its own."""
     mine = (tuples == np.asarray(own)).all(axis=1)
     if mine.all():
