@@ -152,9 +152,29 @@ def fit_sample(x: np.ndarray, size: int | None, seed: int) -> np.ndarray:
 def fit_tokenizer(
     x: np.ndarray, codebook_sizes: list[int], settings: TokenizerConfig, progress=None
 ) -> tuple[Tokenizer, dict]:
-    """Fit a tokenizer of `settings.method` on x [N, D]: (tokenizer, fit report)."""
+    """Fit a tokenizer of `settings.method` on x [N, D]: (tokenizer, fit report). Rows far
+    longer than the rest (`settings.max_norm_ratio`) are left out of the fit; the report
+    counts them (`left_out_of_fit`)."""
     fit, _ = METHODS[settings.method]
-    return fit(x, codebook_sizes, settings, progress)
+    typical = typical_rows(x, settings.max_norm_ratio, max(codebook_sizes))
+    fit_x = x if len(typical) == len(x) else x[typical]
+    tokenizer, report = fit(fit_x, codebook_sizes, settings, progress)
+    return tokenizer, {**report, "left_out_of_fit": len(x) - len(typical)}
+
+
+def typical_rows(x: np.ndarray, ratio: float | None, at_least: int) -> np.ndarray:
+    """Indices of x's rows whose norm is at most `ratio` times the median: the rows a tokenizer
+    learns from. All rows when ratio is None, or when fewer than `at_least` would be left.
+
+    Screening (`HUGE_NORM_RATIO`) quarantines broken vectors; rows between the two ratios are
+    items, encoded like any other, but 0.1% of rows at 50-500x the norm set an RQ-VAE's
+    standardization and reconstruction loss and ruin it (measured: bench/tokenizer_scale.py)."""
+    everything = np.arange(len(x))
+    if ratio is None or len(x) == 0:
+        return everything
+    norms = np.linalg.norm(x, axis=1)
+    typical = np.flatnonzero(norms <= ratio * np.median(norms))
+    return typical if len(typical) >= at_least else everything
 
 
 def save_tokenizer(tokenizer: Tokenizer) -> tuple[bytes, dict]:

@@ -104,6 +104,14 @@ class TokenizerConfig(_Section):
         description="Fit on a seeded sample of this many items (none: all); every item is "
         "encoded either way.",
     )
+    fit_max_norm_ratio: float | None = Field(
+        default=None,
+        gt=1,
+        description="Rows whose norm is over this many times the median are left out of the "
+        "fit (they are still encoded): a few huge vectors would otherwise set an RQ-VAE's "
+        "scaling and loss. None: 10 for rqvae, no limit for rqkmeans (where each measured "
+        "better); 1000, the screening limit, fits on every row.",
+    )
     seed: int = 42
 
     @property
@@ -112,6 +120,14 @@ class TokenizerConfig(_Section):
         if self.balanced_codes is None:
             return self.method == "rqkmeans"
         return self.balanced_codes
+
+    @property
+    def max_norm_ratio(self) -> float | None:
+        """The norm ratio above which rows are left out of this fit (`fit_max_norm_ratio`, or
+        the method's default; None: none are)."""
+        if self.fit_max_norm_ratio is None:
+            return 10.0 if self.method == "rqvae" else None
+        return self.fit_max_norm_ratio
 
     @field_validator("codebook_sizes")
     @classmethod

@@ -182,6 +182,14 @@ def fit_and_store(
 
         tokenizer, report = fit_tokenizer(fit_x, sizes, config, progress)
     report["fitted_on"] = len(fit_x)
+    if report["left_out_of_fit"]:
+        log.warning(
+            "fit: %d of %d rows have norms over %gx the median: left out of the fit, encoded "
+            "like the rest",
+            report["left_out_of_fit"],
+            len(fit_x),
+            config.max_norm_ratio,
+        )
     codes = encode(tokenizer, x, "fit: encode")
     quality = sid_quality(codes, sizes)
     quality["reconstruction_cosine_by_depth"] = tokenizer.reconstruction_cosine_by_depth(x)
