@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sidpipe.config import TokenizerConfig
-from sidpipe.models.tokenizer import fit_tokenizer, typical_rows
+from sidpipe.models.tokenizer import fit_tokenizer, reconstruction_cosine, typical_rows
 
 
 def catalog_with_outliers(n=1000, dim=24, outliers=10, seed=0):
@@ -16,10 +16,6 @@ def catalog_with_outliers(n=1000, dim=24, outliers=10, seed=0):
     far = rng.choice(n, outliers, replace=False)
     x[far] *= rng.uniform(50, 500, (outliers, 1))
     return x.astype(np.float32), far
-
-
-def cosine(a, b):
-    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
 
 
 @pytest.mark.parametrize("method", ["rqvae", "rqkmeans"])
@@ -41,7 +37,7 @@ def test_huge_rows_are_left_out_of_the_fit_but_encoded(method):
         assert report["left_out_of_fit"] == (len(far) if ratio == 10 else 0)
         codes = tokenizer.encode(x)
         assert codes.shape == (len(x), 3)  # the outliers are encoded too
-        quality[ratio] = cosine(tokenizer.decode(codes[normal]), x[normal]).mean()
+        quality[ratio] = reconstruction_cosine(tokenizer, x[normal], codes[normal])
     # Ten rows in a thousand must not cost everyone else their reconstruction (measured:
     # RQ-VAE 0.42 -> 0.90, RQ-KMeans, whose 8 codes the outliers took, 0.83 -> 0.99).
     assert quality[10.0] > quality[1000.0] + 0.1, quality
