@@ -129,7 +129,6 @@ class _Bars:
             Progress,
             TextColumn,
             TimeElapsedColumn,
-            TimeRemainingColumn,
         )
 
         with cls.lock:
@@ -142,15 +141,14 @@ class _Bars:
                     MofNCompleteColumn(),
                     TextColumn("{task.fields[unit]}"),
                     TimeElapsedColumn(),
-                    TextColumn("ETA"),
-                    TimeRemainingColumn(),
+                    TextColumn("{task.fields[eta]}"),
                     TextColumn("{task.fields[status]}"),
                     console=console,
                     transient=True,
                 )
                 cls.progress.start()
             cls.users += 1
-            return cls.progress.add_task(description, total=total, unit="", status="")
+            return cls.progress.add_task(description, total=total, unit="", status="", eta="")
 
     @classmethod
     def remove(cls, task_id: int) -> None:
@@ -178,10 +176,20 @@ def _artifact(description: str):
 
 
 class Progress:
-    """A tracker of `total` units of work (None: unknown). Thread-safe; use as a context."""
+    """A tracker of `total` units of work (None: unknown). Thread-safe; use as a context.
+    `time_limit` (seconds): the work stops then whatever is left (a training budget), so the
+    ETA is never later than that."""
 
-    def __init__(self, what: str, total: int | None, unit: str = "items", artifact: bool = True):
+    def __init__(
+        self,
+        what: str,
+        total: int | None,
+        unit: str = "items",
+        artifact: bool = True,
+        time_limit: float | None = None,
+    ):
         self.what, self.total, self.unit = what, total, unit
+        self.time_limit = time_limit
         self.done, self.status = 0, ""
         self.mode = "off" if total == 0 else _mode()  # no work, nothing to show
         self.started = self._last_artifact = time.monotonic()
@@ -225,7 +233,11 @@ class Progress:
             now = time.monotonic()
             if self._bar is not None:
                 _Bars.progress.update(
-                    self._bar, completed=done, total=self.total, status=self.status
+                    self._bar,
+                    completed=done,
+                    total=self.total,
+                    status=self.status,
+                    eta=self._eta_text(),
                 )
             if self._artifact is not None and now - self._last_artifact >= ARTIFACT_SECONDS:
                 self._last_artifact = now
@@ -237,7 +249,18 @@ class Progress:
     def eta(self) -> float | None:
         if not self.total or not self.done:
             return None
-        return max(self.total - self.done, 0) / self.rate()
+        return min(max(self.total - self.done, 0) / self.rate(), self._time_left())
+
+    def _time_left(self) -> float:
+        if self.time_limit is None:
+            return float("inf")
+        return max(self.time_limit - (time.monotonic() - self.started), 0.0)
+
+    def _eta_text(self) -> str:
+        """`ETA 5m02s`, `ETA 18m40s (time limit)` when the limit ends the work first, or ``."""
+        if (eta := self.eta()) is None:
+            return ""
+        return f"ETA {duration(eta)}" + (" (time limit)" if eta >= self._time_left() else "")
 
     def _count(self) -> str:
         if self.total:
@@ -248,8 +271,8 @@ class Progress:
     def line(self) -> str:
         """`embed shard 0: 4,096/50,000 items (8%), 152 items/s, ETA 5m02s, loss 0.31`"""
         parts = [self._count(), f"{self.rate():,.1f} {self.unit}/s"]
-        if (eta := self.eta()) is not None:
-            parts.append(f"ETA {duration(eta)}")
+        if eta := self._eta_text():
+            parts.append(eta)
         if self.status:
             parts.append(self.status)
         return f"{self.what}: " + ", ".join(parts)

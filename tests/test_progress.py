@@ -62,6 +62,23 @@ def test_no_or_quick_work_shows_nothing_and_a_failure_says_where_it_stopped(monk
     assert progress_lines(caplog)[-1].startswith("embed shard 2: stopped after 0s (3/10 items")
 
 
+def test_a_time_limit_caps_the_eta_and_says_so(monkeypatch, caplog):
+    """Training with a budget: 200 epochs' steps would take hours, the limit ends it in
+    seconds; the ETA is the limit's, not the steps'."""
+    monkeypatch.setenv("SIDPIPE_PROGRESS", "log")
+    caplog.set_level(logging.INFO, logger="sidpipe.progress")
+    with Progress("train tiger", total=100_000, unit="steps", time_limit=30) as bar:
+        time.sleep(0.2)
+        bar.advance(10)
+        limited = bar.line()
+    with Progress("train tiger", total=20, unit="steps", time_limit=3600) as bar:
+        time.sleep(0.2)
+        bar.advance(10)
+        free = bar.line()
+    assert re.search(r"ETA (29|30)s \(time limit\)$", limited), limited
+    assert re.search(r"ETA [01]s$", free), free
+
+
 def test_in_a_terminal_a_bar_is_drawn_and_replaced_by_one_line(monkeypatch, caplog):
     screen = io.StringIO()
     monkeypatch.setenv("SIDPIPE_PROGRESS", "bar")
@@ -69,12 +86,13 @@ def test_in_a_terminal_a_bar_is_drawn_and_replaced_by_one_line(monkeypatch, capl
         progress_module, "_console", lambda: Console(file=screen, force_terminal=True, width=120)
     )
     caplog.set_level(logging.INFO, logger="sidpipe.progress")
-    with Progress("train cpu-small", total=5, unit="steps") as bar:
+    with Progress("train cpu-small", total=5, unit="steps", time_limit=1) as bar:
         for _ in range(5):
             bar.advance(status="epoch 1/1 ETA 0s, loss 1.0000")
             time.sleep(0.3)  # rich redraws 10 times a second
     assert "train cpu-small" in screen.getvalue()
     assert "5/5" in screen.getvalue()
+    assert "ETA 0s (time limit)" in screen.getvalue()
     assert progress_lines(caplog)[-1].startswith("train cpu-small: 5 steps in ")
 
 

@@ -103,7 +103,8 @@ def train(
     train_costs: list[float] = []
     best, best_state, waited = -1.0, None, 0
     training_started = time.perf_counter()
-    with Progress(label, total=total, unit="steps") as bar:
+    limit = budget if math.isfinite(budget) else None
+    with Progress(label, total=total, unit="steps", time_limit=limit) as bar:
         for epoch in range(1, config.epochs + 1):
             model.train()
             started, losses = time.perf_counter(), []
