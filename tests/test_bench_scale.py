@@ -50,6 +50,13 @@ def test_a_method_fits_on_a_sample_and_encodes_everything(small, method):
     assert "max_loss None" in bench.line(row) and "kept a suffix" in bench.line(row)
 
 
+def test_the_encode_ceiling_is_the_search_products_at_the_measured_rate(small):
+    per_min, gflops = bench.encode_ceiling(32, rows=64, seconds=0.05)
+    flops_per_item = 2 * 32 * sum(bench.SIZES)
+    assert per_min > 0
+    assert per_min == pytest.approx(gflops * 1e9 / flops_per_item * 60)
+
+
 def test_the_fit_memory_benchmark_fits_the_same_tokenizer_both_ways(small, monkeypatch, capsys):
     """bench/fit_stage_memory.py: the spilled fit stage and the whole-matrix baseline (each
     run here in this process) fit the same tokenizer on the same embed-stage cache."""
