@@ -43,9 +43,9 @@ from sidpipe.errors import TrainingDataError
 from sidpipe.models.mhq import collaborative_view, fit_view
 from sidpipe.models.recommender import RecData
 from sidpipe.models.sasrec import CausalEncoder, SequenceScorer
+from sidpipe.models.unseen import borrowed, content_neighbours, unseen_items
 
 log = logging.getLogger(__name__)
-NEIGHBOUR_TEMPERATURE = 0.05  # softmax over cosines of an unseen item's nearest seen items
 View = Literal["content", "collaborative"]
 
 
@@ -154,22 +154,13 @@ class AsymRecNet(CausalEncoder):
             loss = loss + self.config.code_loss_weight * torch.stack(per_level).mean()
         return loss
 
-    def mark_unseen(self, unseen: np.ndarray, embeddings: np.ndarray, rows: int = 1024) -> None:
+    def mark_unseen(self, unseen: np.ndarray, embeddings: np.ndarray) -> None:
         """Note the items no training sequence held and (`unseen_items: neighbours`) each one's
-        nearest seen items by cosine of their content `embeddings`, with softmax weights."""
+        nearest seen items by cosine of their content `embeddings` (`models.unseen`)."""
         self.unseen.copy_(torch.from_numpy(unseen))
-        k = min(self.config.unseen_neighbours, int((~unseen).sum()))
-        if self.config.unseen_items != "neighbours" or not unseen.any() or k == 0:
-            return
-        x = F.normalize(torch.from_numpy(np.asarray(embeddings, np.float32)), dim=1)
-        seen, cold = torch.from_numpy(np.flatnonzero(~unseen)), np.flatnonzero(unseen)
-        index, weight = torch.zeros(len(unseen), k, dtype=torch.long), torch.zeros(len(unseen), k)
-        for start in range(0, len(cold), rows):
-            at = torch.from_numpy(cold[start : start + rows])
-            top = (x[at] @ x[seen].T).topk(k, dim=1)
-            index[at] = seen[top.indices]
-            weight[at] = torch.softmax(top.values / NEIGHBOUR_TEMPERATURE, dim=1)
-        self.neighbour_index, self.neighbour_weight = index, weight
+        if self.config.unseen_items == "neighbours":
+            k = self.config.unseen_neighbours
+            self.neighbour_index, self.neighbour_weight = content_neighbours(unseen, embeddings, k)
 
     def ranking_embeddings(self) -> torch.Tensor:
         """What items are ranked by: `item_embeddings`, except for items no training sequence
@@ -179,10 +170,7 @@ class AsymRecNet(CausalEncoder):
         if not self.unseen.any() or self.config.unseen_items == "codes":
             return table
         if self.config.unseen_items == "neighbours":
-            if not len(self.neighbour_index):
-                return table
-            borrowed = (self.neighbour_weight.unsqueeze(-1) * table[self.neighbour_index]).sum(1)
-            return torch.where(self.unseen[:, None], borrowed, table)
+            return borrowed(table, self.unseen, self.neighbour_index, self.neighbour_weight)
         if self.config.targets != "mhq" or "content" not in views:
             return table
         first = views.index("content") * self.config.levels
@@ -227,10 +215,7 @@ class AsymRecRecommender(SequenceScorer):
         )
         self.module = AsymRecNet(data.embeddings, codes, sizes, config, max_history)
         self.module.quantizers = nn.ModuleDict(quantizers)  # frozen; saved with the weights
-        seen = np.zeros(data.n_items, bool)
-        for seq in data.sequences:
-            seen[seq[:-2]] = True  # the training parts
-        self.module.mark_unseen(~seen, data.embeddings)
+        self.module.mark_unseen(unseen_items(data.sequences, data.n_items), data.embeddings)
 
     def summary(self) -> dict:
         return {
@@ -247,8 +232,7 @@ def fit_mhq(config: AsymRecConfig, data: RecData) -> tuple[np.ndarray, list[int]
     sizes = [size] * config.levels
     content = np.asarray(data.embeddings, np.float32)
     train_parts = [seq[:-2] for seq in data.sequences]
-    seen = np.zeros(data.n_items, bool)
-    seen[np.concatenate(train_parts)] = True
+    seen = ~unseen_items(data.sequences, data.n_items)
     columns, reports, quantizers = [], {}, {}
     for v, view in enumerate(config.views):
         if view == "content":

@@ -19,6 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from sidpipe.models.recommender import Batches, Examples, RecData, Recommender
+from sidpipe.models.unseen import borrowed, content_neighbours, unseen_items
 
 
 class SASRecConfig(BaseModel):
@@ -31,6 +32,15 @@ class SASRecConfig(BaseModel):
     heads: int = 2
     layers: int = 2
     dropout: float = Field(default=0.3, ge=0, lt=1)
+    unseen_items: Literal["neighbours", "own"] = Field(
+        default="neighbours",
+        description=(
+            "Ranking (and reading in a history) an item no training sequence held: by its"
+            " nearest seen items' rows (content cosine, softmax-weighted; needs the published"
+            " embeddings), or by its own row, which training only ever pushed down."
+        ),
+    )
+    unseen_neighbours: int = Field(default=5, ge=1, description="unseen_items: neighbours.")
 
 
 class CausalEncoder(nn.Module):
@@ -70,10 +80,31 @@ class SASRec(CausalEncoder):
         self.n_items, self.config = n_items, config
         self.item = nn.Embedding(n_items + 1, config.d_model, padding_idx=0)
         nn.init.normal_(self.item.weight, std=0.02)
+        # unseen_items: neighbours (derived from the data when the model is built, not saved)
+        self.register_buffer("unseen", torch.zeros(n_items, dtype=torch.bool), False)
+        self.register_buffer("neighbour_index", torch.zeros(0, 1, dtype=torch.long), False)
+        self.register_buffer("neighbour_weight", torch.zeros(0, 1), False)
 
-    def states(self, history: torch.Tensor) -> torch.Tensor:
-        """history [B, T] (left-padded with 0) -> hidden states [B, T, d]."""
-        return self.encode(self.item(history) * self.config.d_model**0.5, history != 0)
+    def mark_unseen(self, unseen: np.ndarray, embeddings: np.ndarray | None) -> None:
+        """Note the items no training sequence held and (`unseen_items: neighbours`, with
+        embeddings) each one's nearest seen items by content cosine (`models.unseen`)."""
+        self.unseen.copy_(torch.from_numpy(unseen))
+        if self.config.unseen_items == "neighbours" and embeddings is not None:
+            k = self.config.unseen_neighbours
+            self.neighbour_index, self.neighbour_weight = content_neighbours(unseen, embeddings, k)
+
+    def ranking_table(self) -> torch.Tensor:
+        """The item table [n + 1, d] (row 0: padding) that evaluation reads and ranks by: the
+        trained one, with unseen items' rows borrowed from their neighbours."""
+        weight = self.item.weight
+        rows = borrowed(weight[1:], self.unseen, self.neighbour_index, self.neighbour_weight)
+        return torch.cat([weight[:1], rows])
+
+    def states(self, history: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+        """history [B, T] (left-padded with 0) -> hidden states [B, T, d], reading items from
+        `table` (default: the trained item table)."""
+        items = self.item(history) if table is None else F.embedding(history, table)
+        return self.encode(items * self.config.d_model**0.5, history != 0)
 
     def forward(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Cross-entropy of the next item at every non-padding position (logits are computed for
@@ -86,7 +117,8 @@ class SASRec(CausalEncoder):
     @torch.no_grad()
     def scores(self, history: torch.Tensor) -> torch.Tensor:
         """Scores of items 1..n for the position after the last history item: [B, n_items]."""
-        return self.states(history)[:, -1] @ self.item.weight[1:].T
+        table = self.ranking_table()
+        return self.states(history, table)[:, -1] @ table[1:].T
 
 
 class SequenceScorer(Recommender):
@@ -124,6 +156,7 @@ class SASRecRecommender(SequenceScorer):
     def __init__(self, config: SASRecConfig, data: RecData, max_history: int) -> None:
         self.config, self.max_history = config, max_history
         self.module = SASRec(data.n_items, config, max_history)
+        self.module.mark_unseen(unseen_items(data.sequences, data.n_items), data.embeddings)
 
     def summary(self) -> dict:
         return {"tasks": ["next_item"]}

@@ -143,3 +143,38 @@ def test_a_text_task_needs_one_item_with_every_text_it_reads():
     assert not _fed("caption_to_title", {"caption": [[5], []], "title": [[], [7]]})
     assert _fed("caption_to_title", {"caption": [[5], [6]], "title": [[], [7]]})
     assert not _fed("interests_to_sid", {"title": [[1]]})  # no interests column at all
+
+
+def test_sasrec_ranks_and_reads_an_unseen_item_by_its_content_neighbours():
+    from sidpipe.models.recommender import RecData
+    from sidpipe.models.sasrec import SASRecRecommender
+
+    rng = np.random.default_rng(5)
+    n = 20
+    content = rng.standard_normal((n, 8)).astype(np.float32)
+    content[3] = content[10] + 0.01  # item 3's content twin is item 10
+    sequences = [
+        np.array([i, (i + 1) % n, (i + 2) % n, (i + 5) % n, 3]) for i in range(n) if i != 1
+    ]
+    sequences = [s for s in sequences if 3 not in s[:-2]]  # item 3 is never a training item
+    data = RecData(
+        item_ids=[f"i{k:02d}" for k in range(n)],
+        codes=np.zeros((n, 1), np.int64),
+        suffix=np.zeros(n, np.int64),
+        codebook_sizes=(1,),
+        users=[str(u) for u in range(len(sequences))],
+        sequences=sequences,
+        embeddings=content,
+    )
+    config = SASRecConfig(d_model=16, heads=2, layers=1, dropout=0)
+    net = SASRecRecommender(config, data, max_history=4).module
+    assert net.unseen[3] and not net.unseen[10] and net.neighbour_index[3, 0] == 10
+    table = net.ranking_table()
+    assert torch.allclose(table[4], net.item.weight[11], atol=1e-3)  # rows are 1-based
+    seen = [i + 1 for i in range(n) if not net.unseen[i]]
+    assert torch.equal(table[seen], net.item.weight[seen])
+    history = torch.tensor([[0, 0, 2, 4]])  # item 3 (id 4) read in a history: as its twin's row
+    twin = torch.tensor([[0, 0, 2, 11]])
+    assert torch.allclose(net.eval().scores(history), net.scores(twin), atol=1e-3)
+    own = SASRecRecommender(config.model_copy(update={"unseen_items": "own"}), data, 4).module
+    assert not len(own.neighbour_index) and torch.equal(own.ranking_table(), own.item.weight)
