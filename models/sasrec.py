@@ -89,9 +89,9 @@ class SASRec(CausalEncoder):
         """Note the items no training sequence held and (`unseen_items: neighbours`, with
         embeddings) each one's nearest seen items by content cosine (`models.unseen`)."""
         self.unseen.copy_(torch.from_numpy(unseen))
-        if self.config.unseen_items == "neighbours" and embeddings is not None:
-            k = self.config.unseen_neighbours
-            self.neighbour_index, self.neighbour_weight = content_neighbours(unseen, embeddings, k)
+        way = self.config.unseen_items == "neighbours" and embeddings is not None
+        k = self.config.unseen_neighbours if way else 0  # 0: none, rank by their own rows
+        self.neighbour_index, self.neighbour_weight = content_neighbours(unseen, embeddings, k)
 
     def ranking_table(self) -> torch.Tensor:
         """The item table [n + 1, d] (row 0: padding) that evaluation reads and ranks by: the

@@ -25,11 +25,11 @@ def unseen_items(sequences: list[np.ndarray], n_items: int) -> np.ndarray:
 
 
 def content_neighbours(
-    unseen: np.ndarray, embeddings: np.ndarray, k: int, rows: int = 1024
+    unseen: np.ndarray, embeddings: np.ndarray | None, k: int, rows: int = 1024
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each unseen item's `k` nearest seen items by content cosine and their softmax weights:
     (index [n, k] int64, weight [n, k]); rows of seen items are 0. Empty ([0, 1]) when no item
-    is unseen or none is seen."""
+    is unseen, none is seen or k is 0 (then `embeddings` may be None)."""
     k = min(k, int((~unseen).sum()))
     if not unseen.any() or k == 0:
         return torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1)

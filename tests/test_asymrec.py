@@ -221,6 +221,14 @@ def test_five_models_one_run_with_metrics_recomputable_from_predictions(beauty_s
         metrics["models"]["asymrec"]["recall@10"]
     )
     assert test["content x3"]["cold_median_rank"] <= test["content x1"]["cold_median_rank"]
+    # SASRec too: `neighbours`, its default, is the run's own ranking; `own` is the other way.
+    store = ArtifactStore(beauty_slice["store"])
+    test = {r["way"]: r for r in rescore(store, run_dir.name, "sasrec") if r["split"] == "test"}
+    assert set(test) == {"own", "neighbours"}
+    rows = [i for i, name in enumerate(table["model"]) if name == "sasrec"]
+    assert np.array_equal(test["neighbours"]["ranks"], [table["rank"][i] for i in rows])
+    cold = metrics["models"]["sasrec"]["cold_items"]["recall@10"]
+    assert test["neighbours"]["cold_recall@10"] == pytest.approx(cold)
 
 
 def test_an_unknown_model_or_missing_embeddings_is_one_line(beauty_slice):
