@@ -3,7 +3,9 @@ the generative recommender is compared with in the same harness (same splits, sa
 
 Trained with full softmax cross-entropy over all items at every position; public re-runs measured
 this CE variant well above the BCE one in TIGER's table (see the README's results), so the
-report names the loss. Scores every item, so ranking is exact.
+report names the loss. Scores every item, so ranking is exact. An item no training sequence
+held (a held-out cold item) is ranked, and read in a history, by its content neighbours' rows
+(`unseen_items: neighbours`, `models.unseen`), since its own row was only ever pushed down.
 """
 
 from __future__ import annotations
