@@ -1,5 +1,5 @@
-"""Items no training sequence held ("unseen": the held-out cold items, and items that only ever
-come last): an item table has a row for them that no training target trained as theirs, so a
+"""Items no training sequence held ("unseen": the held-out cold items, and items only ever met
+among a sequence's last two, the validation and test targets): an item table has a row for them that no training target trained as theirs, so a
 model ranks them by a softmax-weighted mix of their nearest seen items' rows instead, nearest by
 cosine of the published content embeddings. One way for every item-table model (SASRec, AsymRec).
 
