@@ -72,6 +72,11 @@ def rescore(store: ArtifactStore, run_id: str, model: str = "asymrec") -> list[d
         return _rescore(config, training.data, rec.module.eval())
 
 
+def last_states(states, history: torch.Tensor) -> torch.Tensor:
+    """The hidden state after each history's last item, 1,024 histories at a time."""
+    return torch.cat([states(history[s : s + 1024])[:, -1] for s in range(0, len(history), 1024)])
+
+
 def _rescore(config, data, net) -> list[dict]:
     rows = []
     for which in ("valid", "test"):
@@ -79,12 +84,11 @@ def _rescore(config, data, net) -> list[dict]:
         history = torch.from_numpy(np.where(examples.history >= 0, examples.history + 1, 0))
         target = torch.from_numpy(examples.target)
         cold = data.cold[examples.target]
+        # AsymRec reads histories by content whatever the way: its states are computed once
+        shared = None if isinstance(net, SASRec) else last_states(net.states, history)
         for way in ways(net):
             states, table = scorer(net, way, data.embeddings)
-            last = torch.cat(
-                [states(history[s : s + 1024])[:, -1] for s in range(0, len(history), 1024)]
-            )
-            scores = last @ table.T
+            scores = (last_states(states, history) if shared is None else shared) @ table.T
             picked = scores[torch.arange(len(scores)), target]
             ranks = ((scores >= picked[:, None]).sum(1) - 1).numpy()
             rows.append(
