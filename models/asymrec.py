@@ -17,11 +17,15 @@
 - **Heads and decoding**: each code of each view and level has an output embedding; the decoder
   predicts every view's codes in parallel (a softmax over each level's codebook), and an item's
   score is the sum of its codes' logits, i.e. h . (sum of its code embeddings). Ranking scores
-  every catalog item this way, so every returned item exists, and the ranking is exact. An item
-  no training sequence held (a cold item) has codes, but codes no training target trained as
-  its own: it is ranked by the output embeddings of its `unseen_neighbours` nearest seen items
-  by content cosine, softmax-weighted (`unseen_items: neighbours`), or by its content view's
-  codes alone (`content`), or by all its codes (`codes`).
+  every catalog item this way, so every returned item exists, and the ranking is exact.
+  `item_residual` (the default, sidpipe's addition; `false` is the paper's form) adds a
+  learned per-item output vector, starting at 0, to that sum: the codes carry what items
+  share, the residual what a frequent-enough item's codes cannot say alone. Inputs stay
+  ID-free. An item no training sequence held (a cold item) has codes, but codes no training
+  target trained as its own (and a residual only ever pushed down): it is ranked by the output
+  embeddings of its `unseen_neighbours` nearest seen items by content cosine, softmax-weighted
+  (`unseen_items: neighbours`), or by its content view's codes alone (`content`), or by all
+  its codes (`codes`); never by its own residual.
 - **Loss**: `code_loss_weight` x the mean cross-entropy of the target's code at every view and
   level, plus `item_loss_weight` x the cross-entropy of the target among all items scored by
   their codes; at every position of SASRec's training windows.
@@ -83,6 +87,14 @@ class AsymRecConfig(BaseModel):
         ),
     )
     unseen_neighbours: int = Field(default=5, ge=1, description="unseen_items: neighbours.")
+    item_residual: bool = Field(
+        default=True,
+        description=(
+            "Add a learned per-item output vector (starting at 0) to each item's code"
+            " embeddings, so an item need not score exactly as the sum of codes it shares"
+            " (false: the paper's form, scores from codes alone)."
+        ),
+    )
     item_loss_weight: float = Field(default=1.0, ge=0)
     code_loss_weight: float = Field(default=1.0, ge=0)
     seed: int = Field(default=42, description="Seed of the MHQ fit.")
@@ -117,6 +129,9 @@ class AsymRecNet(CausalEncoder):
         self.router = nn.Linear(x.shape[1], k) if k > 1 else None
         self.code_embedding = nn.Embedding(int(sum(sizes)), d)
         nn.init.normal_(self.code_embedding.weight, std=0.02)
+        self.residual = nn.Embedding(len(codes), d) if config.item_residual else None
+        if self.residual is not None:
+            nn.init.zeros_(self.residual.weight)
 
     def project(self, items: torch.Tensor) -> torch.Tensor:
         """MSP: items [B, T] (1-based, 0 = padding) -> inputs [B, T, d]."""
@@ -130,9 +145,14 @@ class AsymRecNet(CausalEncoder):
     def states(self, history: torch.Tensor) -> torch.Tensor:
         return self.encode(self.project(history), history != 0)
 
-    def item_embeddings(self) -> torch.Tensor:
+    def code_sum(self) -> torch.Tensor:
         """[n, d]: the sum of each item's code embeddings over views and levels."""
         return self.code_embedding(self.codes + self.offsets).sum(1)
+
+    def item_embeddings(self) -> torch.Tensor:
+        """[n, d]: each item's output embedding, `code_sum` plus its `item_residual`."""
+        table = self.code_sum()
+        return table if self.residual is None else table + self.residual.weight
 
     def forward(self, history: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         real = targets > 0
@@ -167,12 +187,14 @@ class AsymRecNet(CausalEncoder):
         held (`unseen_items`): their nearest seen items' embeddings, or their content codes."""
         table = self.item_embeddings()
         views = self.config.views
-        if not self.unseen.any() or self.config.unseen_items == "codes":
+        if not self.unseen.any():
             return table
+        if self.config.unseen_items == "codes":
+            return torch.where(self.unseen[:, None], self.code_sum(), table)
         if self.config.unseen_items == "neighbours":
             return borrowed(table, self.unseen, self.neighbour_index, self.neighbour_weight)
         if self.config.targets != "mhq" or "content" not in views:
-            return table
+            return torch.where(self.unseen[:, None], self.code_sum(), table)
         first = views.index("content") * self.config.levels
         columns = (
             self.codes[:, first : first + self.config.levels]
@@ -221,6 +243,7 @@ class AsymRecRecommender(SequenceScorer):
         return {
             "tasks": ["next_item_codes"],
             "experts": self.config.experts,
+            "item_residual": self.config.item_residual,
             "targets": self.targets,
         }
 

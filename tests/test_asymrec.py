@@ -106,6 +106,31 @@ def test_an_item_no_training_sequence_held_is_ranked_by_its_content_codes():
     assert torch.equal(net.ranking_embeddings(), trained)
 
 
+def test_the_item_residual_is_each_seen_items_own_and_never_ranks_an_unseen_item():
+    content = np.random.default_rng(2).standard_normal((30, 12)).astype(np.float32)
+    codes = np.random.default_rng(3).integers(0, 4, (30, 6))
+    net = AsymRecNet(content, codes, [4] * 6, AsymRecConfig(d_model=16, levels=3), 5)
+    assert torch.equal(net.item_embeddings(), net.code_sum())  # starts at 0
+    loss = net(torch.tensor([[0, 0, 1, 2, 4]]), torch.tensor([[0, 0, 2, 4, 9]]))
+    loss.backward()
+    assert net.residual.weight.grad[[1, 3, 8]].abs().sum() > 0  # the targets' own rows train
+    with torch.no_grad():
+        net.residual.weight.normal_()
+    unseen = np.zeros(30, bool)
+    unseen[[3, 7]] = True
+    net.mark_unseen(unseen, content)
+    warm = [i for i in range(30) if i not in (3, 7)]
+    for way in ("neighbours", "content", "codes"):
+        net.config = net.config.model_copy(update={"unseen_items": way})
+        ranked = net.ranking_embeddings()
+        assert torch.equal(ranked[warm], net.item_embeddings()[warm])
+        with torch.no_grad():
+            net.residual.weight[[3, 7]] += 100.0  # an unseen item's own row: never used
+        assert torch.allclose(net.ranking_embeddings(), ranked)
+    plain = AsymRecNet(content, codes, [4] * 6, AsymRecConfig(d_model=16, item_residual=False), 5)
+    assert plain.residual is None and torch.equal(plain.item_embeddings(), plain.code_sum())
+
+
 def test_mhq_is_fitted_from_the_training_data_and_saved_with_the_weights():
     from sidpipe.errors import TrainingDataError
     from sidpipe.models.asymrec import AsymRecRecommender
