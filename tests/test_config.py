@@ -198,6 +198,10 @@ def test_a_checkpoint_saved_before_config_sections_still_loads_its_config():
     tiger = TrainConfig.model_validate(upgrade(flat | {"model": "tiger", "tasks": ["all"]}))
     assert tiger.model.tasks == ["all"] and tiger.model.decoder_layers == 4
     assert upgrade(config.model_dump()) == config.model_dump()  # today's layout passes as is
+    asym = config.model_dump() | {"model": {"kind": "asymrec", "experts": 4}}
+    assert upgrade(asym)["model"]["item_residual"] is False  # saved before the residual
+    asym = TrainConfig.model_validate(asym).model_dump()
+    assert asym["model"]["item_residual"] is True and upgrade(asym) == asym
 
 
 def test_a_deployments_form_defaults_yield_to_the_workers_environment(monkeypatch):

@@ -86,8 +86,12 @@ _FLAT_MODEL = {
 
 
 def upgrade(train: dict) -> dict:
-    """A checkpoint's training config in today's layout (older ones were one flat mapping)."""
+    """A checkpoint's training config in today's layout (older ones were one flat mapping; an
+    AsymRec saved before `item_residual` existed is the paper's form, without one)."""
     if isinstance(train.get("model"), dict):
+        model = train["model"]
+        if model.get("kind") == "asymrec" and "item_residual" not in model:
+            return {**train, "model": {**model, "item_residual": False}}
         return train
     kind = train.get("model", "tiger")
     nested = {k: train[k] for k in ("name", "store", "seed", "device", "threads") if k in train}
